@@ -1,0 +1,62 @@
+"""The pipeline's one settings object: env vars (`AUDIO_PIPELINE_*`), CLI flags and flow parameters.
+
+Built once at the edge (CLI or flow entry) and passed down to every task; Dask ships it to
+workers by pickling, so it holds plain values only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg")
+
+
+class PipelineSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AUDIO_PIPELINE_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    audio_root: str = Field(description="Local path or fsspec URL of the speaker folders.")
+    results_root: str = Field("results", description="Local path or fsspec URL for outputs.")
+    service_url: str = Field("http://localhost:8000", description="Whisper service base URL.")
+    service_token: SecretStr | None = Field(None, description="Bearer token for the service.")
+    tokenizer: str = Field("rpq", description="Tokeniser name: rpq, simulated, encodec.")
+    tokenizer_options: dict[str, Any] = Field(default_factory=dict, description="Tokeniser options.")
+    tokenizer_device: str = Field("auto", description="auto, cpu or cuda.")
+    language: str | None = Field(None, description="Force a transcription language.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Files per batch (one engine call).")
+    shard_max_files: int = Field(1024, ge=1, description="Most files one task works through.")
+    merge_max_tasks: int = Field(64, ge=1, description="Most merge tasks per run.")
+    extensions: tuple[str, ...] = Field(DEFAULT_EXTENSIONS, description="Audio file suffixes.")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler address.")
+    n_workers: int | None = Field(None, ge=1, description="Local Dask workers (CPU only).")
+    threads_per_worker: int = Field(4, ge=1, description="Threads per Dask worker.")
+    http_concurrency: int = Field(8, ge=1, le=256, description="Requests in flight per task.")
+    http_timeout_s: float = Field(300.0, gt=0, description="Per-request read timeout.")
+    http_retries: int = Field(3, ge=0, le=20, description="Retries on 5xx/connection errors.")
+    http_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
+    service_wait_s: float = Field(60.0, ge=0, description="How long to wait for a loading service.")
+
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _normalise_extensions(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = value.split(",")
+        exts = tuple(
+            (e if e.startswith(".") else f".{e}").lower() for e in (v.strip() for v in value) if e
+        )
+        if not exts:
+            raise ValueError("at least one audio extension is needed")
+        return exts
+
+    @field_validator("audio_root", "results_root")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        stripped = value.rstrip("/")
+        return stripped or value
+
+    def tokenizer_fingerprint(self) -> dict[str, Any]:
+        return {"name": self.tokenizer, **self.tokenizer_options}

@@ -1,0 +1,152 @@
+"""Results storage on fsspec: intermediates keyed by input path, atomic writes, folder locks.
+
+Atomicity: on a local disk every write goes to a temp file in the same directory, is fsynced
+and renamed over the target (POSIX rename is atomic), so a reader sees the old complete file or
+the new complete one, never a torn one. On object stores (s3, gcs, azure, memory) a single PUT
+is already atomic: the object appears whole or not at all, so we write the object directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Literal
+
+import fsspec
+from filelock import FileLock
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ValidationError
+
+from tasks.records import Failure, Tokens, Transcription
+
+Kind = Literal["transcriptions", "tokens"]
+_ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gcs", "gs", "az", "abfs", "abfss", "memory"}
+
+
+def read_source(path: str, storage_options: dict | None = None) -> bytes:
+    """The bytes of one audio file, from a local path or any fsspec URL."""
+    fs, stripped = fsspec.url_to_fs(path, **(storage_options or {}))
+    return fs.cat_file(stripped)
+
+
+def stem_id(file_id: str) -> str:
+    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`: intermediates mirror input paths."""
+    return str(PurePosixPath(file_id).with_suffix(""))
+
+
+class Store:
+    """The results root: `{folder}.jsonl`, `{folder}.errors.jsonl`, `transcriptions/`, `tokens/`."""
+
+    def __init__(self, results_root: str, storage_options: dict | None = None) -> None:
+        self.fs, self.root = fsspec.url_to_fs(results_root, **(storage_options or {}))
+        self.root = self.root.rstrip("/") or "/"
+        self.url = results_root
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}"
+
+    def display(self, relative: str) -> str:
+        """A path a user can paste: the local path, or the URL with its protocol."""
+        full = self.path(relative)
+        return full if self.is_local else self.fs.unstrip_protocol(full)
+
+    def intermediate(self, kind: Kind, file_id: str) -> str:
+        return f"{kind}/{stem_id(file_id)}.json"
+
+    # -- writes --------------------------------------------------------------------------------
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write `data` so that readers never observe a partial file (see module docstring)."""
+        target = self.path(relative)
+        if self.is_local:
+            directory = os.path.dirname(target)
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            return
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if protocols & _ATOMIC_PUT_PROTOCOLS:
+            self.fs.pipe_file(target, data)
+        else:
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, target)
+
+    def write_record(self, kind: Kind, record: BaseModel) -> None:
+        self.write_bytes(self.intermediate(kind, record.id), record.model_dump_json().encode())
+
+    def write_lines(self, relative: str, records: list[BaseModel]) -> None:
+        self.write_bytes(relative, _jsonl(records))
+
+    def write_lines_if_changed(self, relative: str, records: list[BaseModel]) -> bool:
+        """Write JSONL unless the stored file already holds exactly these lines; True if written."""
+        body = _jsonl(records)
+        if self.read_bytes(relative) == body:
+            return False
+        self.write_bytes(relative, body)
+        return True
+
+    def remove(self, relative: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(relative))
+
+    # -- reads ---------------------------------------------------------------------------------
+    def read_bytes(self, relative: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(relative))
+        except FileNotFoundError:
+            return None
+
+    def read_transcription(self, file_id: str) -> Transcription | Failure | None:
+        return self._read_intermediate("transcriptions", file_id, Transcription)
+
+    def read_tokens(self, file_id: str) -> Tokens | Failure | None:
+        return self._read_intermediate("tokens", file_id, Tokens)
+
+    def _read_intermediate(self, kind: Kind, file_id: str, model: type[BaseModel]):
+        """The stored record for `file_id`, or None if absent, unreadable or someone else's id."""
+        data = self.read_bytes(self.intermediate(kind, file_id))
+        if data is None:
+            return None
+        try:
+            raw = json.loads(data)
+            record = Failure.model_validate(raw) if raw.get("failed") else model.model_validate(raw)
+        except (ValueError, ValidationError, AttributeError):
+            return None  # torn by an older crash or foreign: treat as missing, it gets redone
+        return record if record.id == file_id else None
+
+    # -- locking -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def folder_lock(self, folder: str, timeout_s: float = 600.0) -> Iterator[None]:
+        """Serialise merges of one folder across processes on this machine.
+
+        The lock file lives beside the results on a local disk; for a remote results root it
+        lives in the local temp dir, keyed by the URL, so it guards runs on the same host only.
+        """
+        key = hashlib.sha1(f"{self.url}|{folder}".encode()).hexdigest()[:16]
+        if self.is_local:
+            lock_dir = self.path(".locks")
+        else:
+            lock_dir = os.path.join(tempfile.gettempdir(), "audio-pipeline-locks")
+        os.makedirs(lock_dir, exist_ok=True)
+        with FileLock(os.path.join(lock_dir, f"{key}.lock"), timeout=timeout_s):
+            yield
+
+
+def _jsonl(records: list[BaseModel]) -> bytes:
+    return "".join(r.model_dump_json() + "\n" for r in records).encode()

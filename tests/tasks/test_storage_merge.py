@@ -1,0 +1,84 @@
+"""Atomic writes, intermediates and merge on local disk and memory://."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tasks.merge import merge_folder
+from tasks.records import Failure, FileError, SourceInfo, Tokens, Transcription
+from tasks.storage import Store, stem_id
+
+SRC = SourceInfo(size=10, mtime="1")
+
+
+def _transcription(file_id: str, text: str = "hello") -> Transcription:
+    return Transcription(id=file_id, text=text, language="en", duration=1.5, model="tiny.en", service_url="x", source=SRC)
+
+
+def _tokens(file_id: str) -> Tokens:
+    return Tokens(id=file_id, token_array=[1, 2, 3], tokenizer="rpq", tokenizer_settings={"seed": 0}, source=SRC)
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path) -> Store:
+    if request.param == "local":
+        return Store(str(tmp_path / "results"))
+    return Store(f"memory://store-test-{os.getpid()}-{id(tmp_path)}")
+
+
+def test_intermediates_mirror_input_paths(store):
+    store.write_record("transcriptions", _transcription("p225/p225_001_mic2.flac"))
+    assert store.intermediate("transcriptions", "p225/p225_001_mic2.flac") == "transcriptions/p225/p225_001_mic2.json"
+    assert store.read_transcription("p225/p225_001_mic2.flac") == _transcription("p225/p225_001_mic2.flac")
+    assert store.read_transcription("p226/p225_001_mic2.flac") is None  # other folder, same name
+
+
+def test_torn_or_foreign_intermediate_reads_as_missing(store):
+    store.write_bytes("tokens/p1/a.json", b'{"id": "p1/a.flac", "token_arr')
+    assert store.read_tokens("p1/a.flac") is None
+    store.write_record("tokens", _tokens("p1/b.wav"))
+    assert store.read_tokens("p1/b.flac") is None  # same stem, different file
+
+
+def test_local_write_leaves_no_temp_files(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_bytes("x/y.jsonl", b"one\n")
+    store.write_bytes("x/y.jsonl", b"two\n")
+    assert os.listdir(tmp_path / "x") == ["y.jsonl"]
+    assert (tmp_path / "x" / "y.jsonl").read_bytes() == b"two\n"
+
+
+def test_merge_sorted_complete_lines_and_errors(store):
+    ids = ["p1/b.flac", "p1/a.flac", "p1/c.flac", "p1/d.flac"]
+    for i in ["p1/a.flac", "p1/b.flac"]:
+        store.write_record("transcriptions", _transcription(i, text=i))
+        store.write_record("tokens", _tokens(i))
+    store.write_record("transcriptions", Failure(id="p1/c.flac", stage="decode", error="not audio", source=SRC))
+    store.write_record("tokens", Failure(id="p1/c.flac", stage="decode", error="not audio", source=SRC))
+    report = merge_folder("p1", ids, store)
+    lines = [json.loads(x) for x in store.read_bytes("p1.jsonl").decode().splitlines()]
+    assert [x["id"] for x in lines] == ["p1/a.flac", "p1/b.flac"]
+    assert lines[0] == {"id": "p1/a.flac", "transcription": "p1/a.flac", "token_array": [1, 2, 3]}
+    errors = [FileError.model_validate_json(x) for x in store.read_bytes("p1.errors.jsonl").decode().splitlines()]
+    assert [(e.id, e.stage) for e in errors] == [("p1/c.flac", "decode"), ("p1/d.flac", "tokenise"), ("p1/d.flac", "transcribe")]
+    assert report.lines == 2 and report.files == 4 and report.audio_seconds == 3.0
+
+
+def test_merge_rewrites_from_scratch_and_skips_identical(store):
+    for i in ["p1/a.flac", "p1/b.flac"]:
+        store.write_record("transcriptions", _transcription(i))
+        store.write_record("tokens", _tokens(i))
+    assert merge_folder("p1", ["p1/a.flac", "p1/b.flac"], store).changed
+    assert not merge_folder("p1", ["p1/a.flac", "p1/b.flac"], store).changed
+    report = merge_folder("p1", ["p1/b.flac"], store)  # a.flac deleted from the corpus
+    assert report.changed
+    assert [json.loads(x)["id"] for x in store.read_bytes("p1.jsonl").decode().splitlines()] == ["p1/b.flac"]
+    assert store.read_bytes("p1.errors.jsonl") is None
+
+
+def test_stem_id():
+    assert stem_id("p225/p225_001_mic2.flac") == "p225/p225_001_mic2"
+    assert stem_id("a/b/c.d.wav") == "a/b/c.d"
