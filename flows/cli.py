@@ -1,0 +1,126 @@
+"""`audio-pipeline`: flags map 1:1 onto settings; each command parses and makes one call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEMO_DATA = Path(__file__).parent / "demo_data"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Folders of speech recordings -> JSONL with Whisper transcriptions and audio tokens."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("flows", "tasks", "whisper_service", "deployments"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The ephemeral Prefect API starts in a subprocess; a loaded 2-core machine needs > 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1; WHISPER_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default 8000; WHISPER_PORT).")
+@click.option("--engine", type=click.Choice(["openai-whisper", "faster-whisper"]), default=None)
+@click.option("--model", default=None, help="tiny.en (bundled, offline) or a local path.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--max-batch-size", type=int, default=None, help="Requests per batched forward pass.")
+@click.option("--max-wait-ms", type=float, default=None, help="How long to gather a batch.")
+def serve(**flags) -> None:
+    """Run the Whisper transcription service (FastAPI)."""
+    from whisper_service.app import serve as serve_app
+    from whisper_service.settings import WhisperServiceSettings
+
+    serve_app(WhisperServiceSettings(**{k: v for k, v in flags.items() if v is not None}))
+
+
+def _pipeline_options(f):
+    options = [
+        click.option("--results", "results_root", default=None, help="Results root (path or fsspec URL; default results)."),
+        click.option("--service-url", default=None, help="Whisper service URL (default http://localhost:8000)."),
+        click.option("--tokenizer", default=None, help="Tokeniser: rpq (default), simulated, encodec."),
+        click.option("--batch-size", type=int, default=None, help="Files per batch (default 32)."),
+        click.option("--workers", "n_workers", type=int, default=None, help="Local Dask workers (CPU)."),
+        click.option("--dask-address", default=None, help="Use an existing Dask scheduler."),
+        click.option("--extensions", default=None, help="Comma-separated suffixes (default .flac,.wav,.mp3,.ogg)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("audio_root")
+@_pipeline_options
+def run(audio_root: str, **flags) -> None:
+    """Transcribe and tokenise AUDIO_ROOT into RESULTS/{folder}.jsonl."""
+    from tasks.settings import PipelineSettings
+
+    sys.exit(_run_and_report(audio_root=audio_root, **flags))
+
+
+@main.command()
+@click.option("--results", "results_root", default="results", help="Where to write the demo results.")
+@click.option("--port", type=int, default=0, help="Service port (0: a free one).")
+def demo(results_root: str, port: int) -> None:
+    """Start the Whisper service, run the flow on the bundled demo corpus, show results, stop."""
+    from flows.demo import local_service
+
+    click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
+    with local_service(port=port) as url:
+        code = _run_and_report(
+            audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
+        )
+    sys.exit(code)
+
+
+def _run_and_report(preview: int = 0, **parameters) -> int:
+    """Run the flow with the given parameters (None: settings default), print the summary."""
+    from flows.pipeline import parallel_transcribe_tokenise
+    from tasks.transcribe import ServiceUnavailableError
+
+    parameters = {k: v for k, v in parameters.items() if v is not None}
+    if "extensions" in parameters:
+        parameters["extensions"] = parameters["extensions"].split(",")
+    try:
+        summary = parallel_transcribe_tokenise(**parameters)
+    except ServiceUnavailableError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    click.echo("")
+    click.echo(f"{'folders':>8} {'files':>7} {'lines':>7} {'failed':>7} {'audio h':>8} {'files/s':>8}")
+    click.echo(
+        f"{summary.folders:>8} {summary.files:>7} {summary.lines:>7} {summary.failed:>7}"
+        f" {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
+    )
+    click.echo(f"results: {summary.results_root}/{{folder}}.jsonl")
+    if preview:
+        _print_preview(summary.results_root, preview)
+    if summary.failed:
+        click.echo(f"{summary.failed} file(s) failed; see {summary.results_root}/*.errors.jsonl", err=True)
+        for e in summary.errors[:10]:
+            click.echo(f"  {e.id} [{e.stage}] {e.error}", err=True)
+        return 1
+    return 0
+
+
+def _print_preview(results_root: str, n: int) -> None:
+    first = sorted(Path(results_root).glob("*.jsonl"))
+    first = [p for p in first if not p.name.endswith(".errors.jsonl")][:1]
+    for path in first:
+        click.echo(f"first lines of {path}:")
+        for line in path.read_text().splitlines()[:n]:
+            record = json.loads(line)
+            tokens = record["token_array"]
+            click.echo(f'  {record["id"]}: "{record["transcription"]}" tokens[{len(tokens)}]={tokens[:8]}...')
+
+
+if __name__ == "__main__":
+    main()

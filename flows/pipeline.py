@@ -1,0 +1,172 @@
+"""The Prefect flow: discover -> (transcribe || tokenise) per shard on Dask -> merge per folder.
+
+The outer flow holds the parameters users see in the UI and fails fast when the service is
+down; the inner flow runs on the Dask task runner chosen for this machine (`flows.runner`),
+which can only be picked once the parameters are known, hence the subflow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import dask
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+
+from flows.runner import GPU_RESOURCE, make_task_runner, uses_gpu_resources, worker_count
+from tasks.discover import group_folders, list_audio, make_batches, make_shards
+from tasks.merge import merge_folders
+from tasks.records import FileError, FolderReport, RunSummary, Shard, StageReport, folder_of
+from tasks.settings import PipelineSettings
+from tasks.tokenise import tokenise_shard
+from tasks.transcribe import check_service, transcribe_shard
+
+
+@flow(name="parallel-transcribe-tokenise", log_prints=True)
+def parallel_transcribe_tokenise(
+    audio_root: str,
+    results_root: str = "results",
+    service_url: str = "http://localhost:8000",
+    tokenizer: str = "rpq",
+    batch_size: int = 32,
+    extensions: list[str] | None = None,
+    dask_address: str | None = None,
+    n_workers: int | None = None,
+) -> RunSummary:
+    """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`."""
+    given = {
+        "audio_root": audio_root, "results_root": results_root, "service_url": service_url,
+        "tokenizer": tokenizer, "batch_size": batch_size, "extensions": extensions,
+        "dask_address": dask_address, "n_workers": n_workers,
+    }
+    settings = PipelineSettings(**{k: v for k, v in given.items() if v is not None})
+    return run_pipeline(settings)
+
+
+def run_pipeline(settings: PipelineSettings) -> RunSummary:
+    """Everything the flow does, for callers that already hold settings (CLI, tests)."""
+    logger = get_run_logger()
+    started = time.monotonic()
+    health = check_service(settings)  # before any work is scheduled
+    files, discover_errors = list_audio(settings.audio_root, settings.extensions)
+    logger.info("found %d audio files under %s (%d refused)", len(files), settings.audio_root, len(discover_errors))
+    ids_by_folder: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        ids_by_folder[f.folder].append(f.id)
+    for e in discover_errors:
+        ids_by_folder.setdefault(folder_of(e.id), [])
+    shards = make_shards(make_batches(files, settings.batch_size), worker_count(settings), settings.shard_max_files)
+    groups = group_folders(sorted(ids_by_folder), settings.merge_max_tasks)
+    share_api_url_with_workers()
+    inner = process_shards.with_options(task_runner=make_task_runner(settings))
+    reports = inner(shards, groups, dict(ids_by_folder), discover_errors, settings, health.get("model"))
+    summary = summarise(reports, settings, time.monotonic() - started)
+    create_table_artifact(
+        key="run-summary", table=[summary_row(summary)],
+        description=f"audio-pipeline run over {settings.audio_root}",
+    )
+    logger.info(
+        "%d files -> %d lines, %d failed, %.3f audio hours, %.1f files/s; results in %s",
+        summary.files, summary.lines, summary.failed, summary.audio_hours,
+        summary.files_per_second, summary.results_root,
+    )
+    return summary
+
+
+@flow(name="transcribe-tokenise-merge")
+def process_shards(
+    shards: list[Shard],
+    groups: list[list[str]],
+    ids_by_folder: dict[str, list[str]],
+    discover_errors: list[FileError],
+    settings: PipelineSettings,
+    model: str | None,
+) -> list[FolderReport]:
+    """Map both stages over the shards; merge each folder group as soon as its shards are done."""
+    logger = get_run_logger()
+    stage_futures: list[tuple[PrefectFuture, Shard]] = []
+    for shard in shards:
+        stage_futures.append((transcribe_shard.submit(shard, settings, model), shard))
+        if uses_gpu_resources(settings):
+            with dask.annotate(resources={GPU_RESOURCE: 1}):
+                stage_futures.append((tokenise_shard.submit(shard, settings), shard))
+        else:
+            stage_futures.append((tokenise_shard.submit(shard, settings), shard))
+
+    group_of = {folder: i for i, group in enumerate(groups) for folder in group}
+    pending = [0] * len(groups)
+    for _, shard in stage_futures:
+        for i in {group_of[folder] for folder in shard.folders}:
+            pending[i] += 1
+    progress = create_progress_artifact(progress=0.0, key="progress", description="Shard-stages done")
+    merges: list[PrefectFuture] = []
+
+    def submit_merge(i: int) -> None:
+        folders = {folder: ids_by_folder[folder] for folder in groups[i]}
+        label = groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}-to-{groups[i][-1]}"
+        merges.append(merge_folders.submit(folders, settings.results_root, discover_errors, label))
+
+    for i, count in enumerate(pending):
+        if count == 0:  # folders whose every file was refused at discovery
+            submit_merge(i)
+    shard_of = {id(f): s for f, s in stage_futures}
+    done = 0
+    for future in as_completed([f for f, _ in stage_futures]):
+        done += 1
+        report = _report_or_none(future)
+        if report is None:
+            logger.error("a stage task of shard %d failed; its files will be reported as failed", shard_of[id(future)].index)
+        update_progress_artifact(progress, progress=100.0 * done / len(stage_futures))
+        for i in {group_of[folder] for folder in shard_of[id(future)].folders}:
+            pending[i] -= 1
+            if pending[i] == 0:
+                submit_merge(i)
+    if not stage_futures:
+        update_progress_artifact(progress, progress=100.0)
+    return [report for future in merges for report in future.result()]
+
+
+def share_api_url_with_workers() -> None:
+    """Point local Dask worker processes at this run's Prefect API.
+
+    Workers inherit os.environ, not Prefect's in-process settings. Without a configured
+    PREFECT_API_URL (ephemeral mode, the test harness) every worker thread would start an
+    ephemeral API server of its own (minutes each) and record its task runs in a database
+    nobody looks at. Remote workers (`dask_address`) need PREFECT_API_URL set on their side.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url)
+
+
+def _report_or_none(future: PrefectFuture) -> StageReport | None:
+    future.wait()
+    if future.state.is_completed():
+        return future.result()
+    return None
+
+
+def summarise(reports: list[FolderReport], settings: PipelineSettings, wall_seconds: float) -> RunSummary:
+    files = sum(r.files for r in reports)
+    errors = [e for r in reports for e in r.errors]
+    return RunSummary(
+        folders=len(reports), files=files, lines=sum(r.lines for r in reports),
+        failed=len({e.id for e in errors}), audio_hours=sum(r.audio_seconds for r in reports) / 3600,
+        wall_seconds=wall_seconds, files_per_second=files / wall_seconds if wall_seconds > 0 else 0.0,
+        results_root=settings.results_root, errors=errors,
+    )
+
+
+def summary_row(summary: RunSummary) -> dict[str, object]:
+    return {
+        "folders": summary.folders, "files": summary.files, "lines": summary.lines,
+        "failed": summary.failed, "audio_hours": round(summary.audio_hours, 4),
+        "files_per_s": round(summary.files_per_second, 2), "wall_s": round(summary.wall_seconds, 1),
+        "results": summary.results_root,
+    }

@@ -1,0 +1,103 @@
+"""The tokenisation stage of a shard: decode audio, tokenise batch by batch, write intermediates."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import numpy as np
+
+from tasks.records import AudioFile, Batch, Failure, StageReport, Tokens
+from tasks.settings import PipelineSettings
+from tasks.storage import Store, read_source
+from tasks.tokenisers import Tokeniser, get_tokeniser
+from whisper_service.audio import AudioDecodeError, decode_audio
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokeniser(name: str, device: str, options_json: str) -> Tokeniser:
+    return get_tokeniser(name, device=device, **json.loads(options_json))
+
+
+def tokeniser_for(settings: PipelineSettings) -> Tokeniser:
+    """One tokeniser per worker process and settings: built once, reused by every batch."""
+    options = json.dumps(settings.tokenizer_options, sort_keys=True)
+    return _cached_tokeniser(settings.tokenizer, settings.tokenizer_device, options)
+
+
+def tokens_reusable(record: Tokens | Failure | None, file: AudioFile, tokeniser_settings: dict[str, Any]) -> bool:
+    return (
+        isinstance(record, Tokens)
+        and record.source == file.source
+        and record.tokenizer_settings == tokeniser_settings
+    )
+
+
+def tokenise_batches(
+    batches: list[Batch], settings: PipelineSettings, store: Store, shard: int = 0
+) -> StageReport:
+    """Tokenise every file without a reusable intermediate, one tokeniser call per batch."""
+    tokeniser = tokeniser_for(settings)
+    # JSON round trip so the comparison sees what the intermediate stores (tuples -> lists).
+    fingerprint = json.loads(json.dumps(tokeniser.settings))
+    files = done = failed = 0
+    audio_seconds = 0.0
+    for batch in batches:
+        files += len(batch.files)
+        todo = [f for f in batch.files if not tokens_reusable(store.read_tokens(f.id), f, fingerprint)]
+        decoded: list[tuple[AudioFile, np.ndarray]] = []
+        for f in todo:
+            try:
+                decoded.append((f, decode_audio(read_source(f.path), tokeniser.sample_rate)))
+            except (AudioDecodeError, OSError) as e:
+                store.write_record("tokens", Failure(id=f.id, stage="decode", error=str(e), source=f.source))
+                failed += 1
+        if not decoded:
+            continue
+        for (f, audio), tokens in zip(decoded, _tokenise_isolated(tokeniser, decoded), strict=True):
+            if isinstance(tokens, str):
+                store.write_record("tokens", Failure(id=f.id, stage="tokenise", error=tokens, source=f.source))
+                failed += 1
+                continue
+            store.write_record("tokens", Tokens(
+                id=f.id, token_array=[int(t) for t in tokens], tokenizer=tokeniser.name,
+                tokenizer_settings=fingerprint, source=f.source,
+            ))
+            audio_seconds += len(audio) / tokeniser.sample_rate
+            done += 1
+    return StageReport(
+        stage="tokenise", shard=shard, files=files, done=done,
+        reused=files - done - failed, failed=failed, audio_seconds=audio_seconds,
+    )
+
+
+def _tokenise_isolated(tokeniser: Tokeniser, decoded: list[tuple[AudioFile, np.ndarray]]) -> list[list[int] | str]:
+    """The batch call; if it fails, each file alone, so one bad input costs only itself."""
+    arrays = [audio for _, audio in decoded]
+    try:
+        return list(tokeniser.tokenise(arrays))
+    except (RuntimeError, ValueError) as batch_error:
+        if len(arrays) == 1:
+            return [f"tokeniser failed: {batch_error}"]
+    results: list[list[int] | str] = []
+    for audio in arrays:
+        try:
+            results.append(tokeniser.tokenise([audio])[0])
+        except (RuntimeError, ValueError) as e:
+            results.append(f"tokeniser failed: {e}")
+    return results
+
+
+# -- Prefect task ------------------------------------------------------------------------------
+from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+
+from tasks.records import Shard  # noqa: E402
+
+
+@task(name="tokenise-shard", task_run_name="tokenise-shard-{shard.index}", retries=1,
+      retry_delay_seconds=5, cache_policy=NO_CACHE)
+def tokenise_shard(shard: Shard, settings: PipelineSettings) -> StageReport:
+    """Tokenise every batch of the shard (on the worker's GPU when it has one)."""
+    return tokenise_batches(shard.batches, settings, Store(settings.results_root), shard.index)

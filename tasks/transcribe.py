@@ -1,0 +1,212 @@
+"""HTTP client of the Whisper service and the transcription stage of a shard.
+
+Retries with exponential backoff on connection errors, timeouts and 5xx only: a 4xx means the
+file itself is bad (not audio, too large), and sending it again cannot help.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tasks.records import AudioFile, Failure, StageReport, Transcription
+from tasks.settings import PipelineSettings
+from tasks.storage import Store, read_source
+
+
+class ServiceError(RuntimeError):
+    """The Whisper service could not give an answer for a request."""
+
+
+class ServiceUnavailableError(ServiceError, ConnectionError):
+    """The service cannot be reached (or never became ready); no work was scheduled."""
+
+
+class ServiceRejectedError(ServiceError, ValueError):
+    """The service refused this file with a 4xx: retrying will not help."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"service answered {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class ServiceClient:
+    """A pooled httpx client for `POST /transcribe`, with bounded retries."""
+
+    def __init__(self, settings: PipelineSettings) -> None:
+        headers = {}
+        if settings.service_token is not None:
+            headers["Authorization"] = f"Bearer {settings.service_token.get_secret_value()}"
+        self.settings = settings
+        self.url = settings.service_url.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(settings.http_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=settings.http_concurrency),
+        )
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def health(self) -> dict:
+        """`GET /healthz` once. Raises httpx errors as they come."""
+        response = self._client.get("/healthz", timeout=5.0)
+        body = _json_or_text(response)
+        return {"status_code": response.status_code, **(body if isinstance(body, dict) else {})}
+
+    def transcribe(self, data: bytes, filename: str, language: str | None = None) -> dict:
+        """Transcribe one file's bytes; returns the service's JSON.
+
+        Raises:
+            ServiceRejectedError: 4xx (bad file, bad token): not retried.
+            ServiceError: still failing after `http_retries` retries.
+        """
+        form = {"language": language} if language else None
+        delay = self.settings.http_backoff_s
+        last: str = ""
+        for attempt in range(self.settings.http_retries + 1):
+            if attempt:
+                time.sleep(delay)
+                delay *= 2
+            try:
+                response = self._client.post(
+                    "/transcribe", files={"file": (filename, data)}, data=form
+                )
+            except httpx.TransportError as e:  # connect/read errors and timeouts
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if response.status_code < 400:
+                return response.json()
+            reason = _error_reason(response)
+            if response.status_code < 500:
+                raise ServiceRejectedError(response.status_code, reason)
+            last = f"{response.status_code}: {reason}"
+        raise ServiceError(
+            f"{self.url}/transcribe failed after {self.settings.http_retries + 1} attempts: {last}"
+        )
+
+
+def check_service(settings: PipelineSettings) -> dict:
+    """Fail fast, before scheduling any work, if the service is down; wait while it loads.
+
+    Returns the `/healthz` body (it names the model). Raises ServiceUnavailableError saying
+    which URL failed and how to start the service.
+    """
+    how = (
+        f"Start it with `audio-pipeline serve --port {httpx.URL(settings.service_url).port or 80}`"
+        " or pass --service-url."
+    )
+    deadline = time.monotonic() + settings.service_wait_s
+    with ServiceClient(settings) as client:
+        while True:
+            try:
+                health = client.health()
+            except httpx.TransportError as e:
+                raise ServiceUnavailableError(
+                    f"Whisper service not reachable at {client.url} ({type(e).__name__}). {how}"
+                ) from e
+            if health["status_code"] == 200:
+                return health
+            if health["status_code"] in (401, 403):
+                raise ServiceUnavailableError(f"Whisper service at {client.url} refused the token.")
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(
+                    f"Whisper service at {client.url} not ready after {settings.service_wait_s:.0f} s"
+                    f" (healthz {health['status_code']}). {how}"
+                )
+            time.sleep(0.5)
+
+
+def transcription_reusable(
+    record: Transcription | Failure | None, file: AudioFile, model: str | None, settings: PipelineSettings
+) -> bool:
+    """Reuse only a successful result for the same source version, model and language."""
+    return (
+        isinstance(record, Transcription)
+        and record.source == file.source
+        and (model is None or record.model == model)
+        and (settings.language is None or record.language == settings.language)
+    )
+
+
+def transcribe_files(
+    files: list[AudioFile], settings: PipelineSettings, store: Store, model: str | None, shard: int = 0
+) -> StageReport:
+    """Transcribe the files that have no reusable intermediate; write one intermediate per file."""
+    todo = [f for f in files if not transcription_reusable(store.read_transcription(f.id), f, model, settings)]
+    outcomes: list[Transcription | Failure] = []
+    if todo:
+        with ServiceClient(settings) as client, ThreadPoolExecutor(settings.http_concurrency) as pool:
+            outcomes = list(pool.map(lambda f: _transcribe_one(client, f, settings, store), todo))
+    failed = sum(isinstance(o, Failure) for o in outcomes)
+    return StageReport(
+        stage="transcribe", shard=shard, files=len(files), done=len(todo) - failed,
+        reused=len(files) - len(todo), failed=failed,
+        audio_seconds=sum(o.duration for o in outcomes if isinstance(o, Transcription)),
+    )
+
+
+def _transcribe_one(
+    client: ServiceClient, file: AudioFile, settings: PipelineSettings, store: Store
+) -> Transcription | Failure:
+    try:
+        data = read_source(file.path)
+    except OSError as e:
+        record: Transcription | Failure = Failure(
+            id=file.id, stage="decode", error=f"cannot read file: {e}", source=file.source
+        )
+        store.write_record("transcriptions", record)
+        return record
+    try:
+        body = client.transcribe(data, file.id.rsplit("/", 1)[-1], settings.language)
+        record = Transcription(
+            id=file.id, text=body["text"], language=body.get("language") or "",
+            duration=float(body.get("duration") or 0.0), model=body.get("model") or "",
+            service_url=client.url, source=file.source,
+        )
+    except ServiceRejectedError as e:
+        stage = "decode" if e.status in (400, 415, 422) else "transcribe"
+        record = Failure(id=file.id, stage=stage, error=e.reason, source=file.source)
+    except (ServiceError, KeyError, ValueError, TypeError) as e:
+        record = Failure(id=file.id, stage="transcribe", error=str(e), source=file.source)
+    store.write_record("transcriptions", record)
+    return record
+
+
+def _json_or_text(response: httpx.Response) -> dict | str:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _error_reason(response: httpx.Response) -> str:
+    body = _json_or_text(response)
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("detail") or body)
+    return body[:300] or response.reason_phrase
+
+
+# -- Prefect task ------------------------------------------------------------------------------
+from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+
+from tasks.records import Shard  # noqa: E402
+
+
+@task(name="transcribe-shard", task_run_name="transcribe-shard-{shard.index}", retries=1,
+      retry_delay_seconds=5, cache_policy=NO_CACHE)
+def transcribe_shard(shard: Shard, settings: PipelineSettings, model: str | None) -> StageReport:
+    """Transcribe every file of the shard through the service (bounded concurrency)."""
+    files = [f for batch in shard.batches for f in batch.files]
+    return transcribe_files(files, settings, Store(settings.results_root), model, shard.index)
