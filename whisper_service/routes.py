@@ -1,0 +1,189 @@
+"""HTTP routes: `/transcribe`, OpenAI's `/v1/audio/transcriptions`, `/healthz`, `/metrics`.
+
+Routes only read uploaded bytes and form fields; no filesystem path ever comes from a request.
+Request problems raise `ServiceError` (an HTTPException with a metrics reason); the app's
+exception handlers turn every error into `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+
+from whisper_service.audio import AudioDecodeError, decode_audio
+from whisper_service.batching import Batcher, BatcherClosedError
+from whisper_service.engines.base import Engine, Transcript
+from whisper_service.metrics import ServiceMetrics
+from whisper_service.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    OpenAISegment,
+    OpenAITranscription,
+    OpenAIVerboseTranscription,
+    ResponseFormat,
+    TranscriptionResponse,
+)
+from whisper_service.settings import WhisperServiceSettings
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"  # hint for clients polling a loading service
+
+
+class ServiceError(HTTPException):
+    """A request the service refuses or fails, with the `whisper_errors_total` reason."""
+
+    def __init__(
+        self, status_code: int, reason: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code=status_code, detail=message, headers=headers)
+        self.reason = reason
+
+
+@dataclass
+class ServiceState:
+    """Per-app state: settings, metrics, and the engine once the lifespan has loaded it."""
+
+    settings: WhisperServiceSettings
+    metrics: ServiceMetrics
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    load_error: str | None = None
+
+    def ready(self) -> tuple[Engine, Batcher]:
+        if self.engine is None or self.batcher is None:
+            if self.load_error is not None:
+                raise ServiceError(503, "not_ready", f"model failed to load: {self.load_error}")
+            raise ServiceError(
+                503, "not_ready", "model is still loading; retry when /healthz answers 200",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+        return self.engine, self.batcher
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[ServiceState, Depends(get_state)]
+UploadDep = Annotated[UploadFile, File(description="Audio bytes: FLAC, WAV, OGG (soundfile).")]
+LanguageDep = Annotated[
+    str | None, Form(description="ISO 639-1 code, e.g. 'en'; empty: the service default.")
+]
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 500, 503)}
+router = APIRouter()
+
+
+@router.post("/transcribe", response_model=TranscriptionResponse, responses=ERRORS)
+async def transcribe(
+    state: ServiceDep, file: UploadDep, language: LanguageDep = None
+) -> TranscriptionResponse:
+    """Transcribe one uploaded clip."""
+    engine, transcript = await transcribe_upload(state, file, language, route="/transcribe")
+    return TranscriptionResponse(
+        text=transcript.text,
+        language=transcript.language,
+        duration=transcript.duration,
+        model=engine.model_name,
+    )
+
+
+@router.post(
+    "/v1/audio/transcriptions",
+    response_model=OpenAITranscription | OpenAIVerboseTranscription,
+    responses=ERRORS,
+)
+async def openai_transcriptions(
+    state: ServiceDep,
+    file: UploadDep,
+    model: Annotated[str, Form(description="Accepted and ignored: the loaded model answers.")] = (
+        "whisper-1"
+    ),
+    language: LanguageDep = None,
+    response_format: Annotated[ResponseFormat, Form()] = "json",
+) -> Response | OpenAITranscription | OpenAIVerboseTranscription:
+    """OpenAI's transcription endpoint, so existing OpenAI clients work unchanged."""
+    route = "/v1/audio/transcriptions"
+    _, transcript = await transcribe_upload(state, file, language, route=route)
+    if response_format == "text":
+        return PlainTextResponse(transcript.text)
+    if response_format == "verbose_json":
+        segments = [OpenAISegment(id=0, start=0.0, end=transcript.duration, text=transcript.text)]
+        return OpenAIVerboseTranscription(
+            language=transcript.language,
+            duration=transcript.duration,
+            text=transcript.text,
+            segments=segments if transcript.text else [],
+        )
+    return OpenAITranscription(text=transcript.text)
+
+
+@router.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def healthz(state: ServiceDep) -> JSONResponse:
+    """200 once the model is loaded; 503 while loading or after a failed load."""
+    engine = state.engine
+    if engine is not None:
+        ok = HealthResponse(
+            status="ok", engine=engine.name, model=engine.model_name, device=engine.device
+        )
+        return JSONResponse(ok.model_dump(exclude_none=True))
+    if state.load_error is not None:
+        failed = HealthResponse(status="failed", error=state.load_error)
+        return JSONResponse(failed.model_dump(exclude_none=True), 503)
+    loading = HealthResponse(status="loading")
+    return JSONResponse(
+        loading.model_dump(exclude_none=True), 503, headers={"Retry-After": RETRY_AFTER_S}
+    )
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(state: ServiceDep, request: Request) -> Response:
+    """Prometheus text exposition; names are documented in `whisper_service.metrics`."""
+    body, content_type = state.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
+
+
+async def transcribe_upload(
+    state: ServiceState, upload: UploadFile, language: str | None, *, route: str
+) -> tuple[Engine, Transcript]:
+    """Shared by both transcription routes: validate, decode, batch, count.
+
+    Raises:
+        ServiceError: 400 empty/undecodable upload or bad language, 413 over the size limit,
+            503 model not ready, 500 engine failure.
+    """
+    engine, batcher = state.ready()
+    limit = state.settings.max_upload_bytes
+    size = upload.size
+    if size is not None and size > limit:
+        raise ServiceError(413, "too_large", f"upload is {size} bytes; the limit is {limit} bytes")
+    data = await upload.read()
+    if len(data) > limit:  # in case the parser did not report a size
+        raise ServiceError(413, "too_large", f"upload exceeds the limit of {limit} bytes")
+    if not data:
+        raise ServiceError(400, "empty_upload", "empty upload: the 'file' field has 0 bytes")
+    try:
+        audio = await run_in_threadpool(decode_audio, data)
+    except AudioDecodeError as e:
+        raise ServiceError(400, "not_audio", f"{e}; send FLAC, WAV or OGG audio") from e
+    language = (language or "").strip().lower() or state.settings.language
+    try:
+        transcript = await batcher.transcribe(audio, language)
+    except BatcherClosedError as e:
+        raise ServiceError(503, "not_ready", str(e)) from e
+    except ValueError as e:  # engines raise ValueError for what the request asked (e.g. language)
+        raise ServiceError(400, "invalid_request", str(e)) from e
+    except Exception as e:  # any other engine failure is ours: 500, logged with its traceback
+        logger.exception("transcription failed")
+        message = f"transcription failed: {type(e).__name__}: {e}"
+        raise ServiceError(500, "engine_error", message) from e
+    state.metrics.transcriptions.labels(route=route).inc()
+    state.metrics.audio_seconds.inc(transcript.duration)
+    return engine, transcript

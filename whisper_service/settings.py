@@ -1,0 +1,74 @@
+"""Settings of the Whisper service: one object per process, from `WHISPER_*` env vars and flags.
+
+Unsafe combinations are refused when the object is built, before anything binds a socket:
+listening on a non-loopback host without `WHISPER_API_TOKEN` raises unless
+`WHISPER_ALLOW_PUBLIC=true` says the open port is deliberate (e.g. behind an authenticating
+proxy). An empty token is refused too, since it would make `Bearer ` a valid credential.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from whisper_service.engines import DeviceName, EngineName
+
+MB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve to anything
+
+
+class WhisperServiceSettings(BaseSettings):
+    """Everything `create_app` and `serve` need. Env prefix `WHISPER_`, e.g. `WHISPER_PORT=9000`."""
+
+    model_config = SettingsConfigDict(env_prefix="WHISPER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to bind; loopback unless a token.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    engine: EngineName = Field("openai-whisper", description="Which Whisper implementation runs.")
+    model: str = Field("tiny.en", description="Model name available offline, or a local path.")
+    device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU.")
+    max_batch_size: int = Field(8, ge=1, description="Most clips in one engine call.")
+    max_wait_ms: float = Field(
+        10, ge=0, description="How long the first request of a batch waits for company."
+    )
+    max_upload_bytes: int = Field(100 * MB, ge=1, description="Largest accepted audio upload.")
+    language: str | None = Field(
+        None, description="Language used when a request names none; None lets the model decide."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="If set, all routes but /healthz need `Authorization: Bearer <token>`."
+    )
+    allow_public: bool = Field(
+        False, description="Permit a non-loopback host without a token (you secure it elsewhere)."
+    )
+
+    @field_validator("language")
+    @classmethod
+    def _normalise_language(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return value.strip().lower() or None  # "" (e.g. WHISPER_LANGUAGE=) means "detect"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Self:
+        if self.api_token is not None and not self.api_token.get_secret_value().strip():
+            raise ValueError("WHISPER_API_TOKEN is empty: unset it or give a real token")
+        if not is_loopback(self.host) and self.api_token is None and not self.allow_public:
+            raise ValueError(
+                f"refusing to serve on non-loopback host {self.host!r} without WHISPER_API_TOKEN; "
+                "set a token, bind 127.0.0.1, or set WHISPER_ALLOW_PUBLIC=true if another layer "
+                "authenticates"
+            )
+        return self
