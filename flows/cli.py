@@ -17,9 +17,15 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Folders of speech recordings -> JSONL with Whisper transcriptions and audio tokens."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for ours in ("flows", "tasks", "whisper_service", "deployments"):
-        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger = logging.getLogger(ours)
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+    # Dask logs every worker start/stop at INFO; its config reads env before distributed is imported.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose else "warning")
     # The ephemeral Prefect API starts in a subprocess; a loaded 2-core machine needs > 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -79,6 +85,24 @@ def demo(results_root: str, port: int) -> None:
             audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
         )
     sys.exit(code)
+
+
+@main.command()
+@click.argument("audio_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--stable-seconds", type=float, default=1.0,
+              help="How long a file's size must stay unchanged before it counts as written.")
+def watch(audio_root: str, stable_seconds: float) -> None:
+    """Emit the Prefect event audio.file.created per new audio file under AUDIO_ROOT.
+
+    Sends to PREFECT_API_URL; the deployment's trigger (prefect.yaml) starts the runs. Ctrl-C stops.
+    """
+    from deployments.watcher import WatcherConfigError
+    from deployments.watcher import watch as watch_root
+
+    try:
+        watch_root(audio_root, stable_seconds=stable_seconds)
+    except WatcherConfigError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _run_and_report(preview: int = 0, **parameters) -> int:

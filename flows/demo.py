@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -20,17 +22,25 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_service(port: int = 0, timeout_s: float = 180.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """Run `audio-pipeline serve` on 127.0.0.1 until the block exits; yields its URL once healthy."""
+    """Run `audio-pipeline serve` on 127.0.0.1 until the block exits; yields its URL once healthy.
+
+    The service's own log goes to a temp file (its access log would drown the flow's output);
+    its tail is shown if the service dies before it is ready.
+    """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="whisper-service-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args],
+        stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the Whisper service exited with code {proc.returncode} before it was ready")
+                with open(log.name, errors="replace") as f:
+                    tail = f.read()[-2000:]
+                raise RuntimeError(f"the Whisper service exited with code {proc.returncode} before it was ready:\n{tail}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
                     break
@@ -39,9 +49,11 @@ def local_service(port: int = 0, timeout_s: float = 180.0, extra_args: tuple[str
             time.sleep(0.25)
         yield url
     finally:
+        log.close()
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        os.unlink(log.name)

@@ -1,0 +1,81 @@
+"""Task-runner choice for 0, 1 and N GPUs and an existing scheduler; real clusters where possible."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.runner import cluster_plan, make_task_runner, visible_gpu_count, worker_count
+from tasks.settings import PipelineSettings
+
+
+def settings(**kw) -> PipelineSettings:
+    return PipelineSettings(audio_root="/data", **kw)
+
+
+def test_no_gpu_plans_a_plain_local_cluster():
+    plan = cluster_plan(settings(n_workers=3), gpus=0)
+    assert plan["kind"] == "local"
+    assert plan["cluster_class"] == "distributed.LocalCluster"
+    assert plan["cluster_kwargs"]["n_workers"] == 3
+    assert "resources" not in plan["cluster_kwargs"]
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_gpus_plan_one_cuda_worker_per_gpu_with_a_gpu_resource(gpus):
+    plan = cluster_plan(settings(n_workers=7), gpus=gpus)
+    assert plan["kind"] == "local-cuda"
+    assert plan["cluster_class"] == "dask_cuda.LocalCUDACluster"
+    assert plan["cluster_kwargs"]["n_workers"] == gpus  # one per GPU; --workers does not apply
+    assert plan["cluster_kwargs"]["resources"] == {"GPU": 1}
+    assert worker_count(settings(), gpus=gpus) == gpus
+
+
+def test_existing_scheduler_wins_over_gpus():
+    plan = cluster_plan(settings(dask_address="tcp://10.0.0.1:8786"), gpus=8)
+    assert plan == {"kind": "existing", "address": "tcp://10.0.0.1:8786"}
+    runner = make_task_runner(settings(dask_address="tcp://10.0.0.1:8786"))
+    assert runner.address == "tcp://10.0.0.1:8786"
+
+
+def test_detection_on_this_machine_matches_torch():
+    import torch
+
+    expected = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert visible_gpu_count() == expected
+    kind = cluster_plan(settings()).get("kind")
+    assert kind == ("local-cuda" if expected else "local")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_cpu_runner_runs_tasks_on_a_real_local_cluster():
+    """The CPU fallback builds a working cluster (no NVML needed) and runs tasks in its workers."""
+    import os
+
+    from prefect import flow, task
+
+    from flows.pipeline import share_api_url_with_workers
+
+    @task
+    def worker_pid() -> int:
+        return os.getpid()
+
+    @flow(task_runner=make_task_runner(settings(n_workers=1, threads_per_worker=1), gpus=0))
+    def tiny() -> int:
+        return worker_pid.submit().result()
+
+    share_api_url_with_workers()  # before the cluster starts: workers inherit the environment
+    assert tiny() != os.getpid()  # ran in a Dask worker process, not here
+
+
+@pytest.mark.gpu
+def test_local_cuda_cluster_has_one_worker_per_visible_gpu():
+    import torch
+    from distributed import Client
+
+    plan = cluster_plan(settings())
+    from dask_cuda import LocalCUDACluster
+
+    with LocalCUDACluster(**plan["cluster_kwargs"]) as cluster, Client(cluster) as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert len(workers) == torch.cuda.device_count()
+        assert all(w["resources"] == {"GPU": 1} for w in workers)
