@@ -1,0 +1,95 @@
+"""Offline model resolution: names and paths map to local weights or a helpful refusal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from whisper_service.engines import ModelNotAvailableError, load_engine
+from whisper_service.engines.models import bundled_ct2_dir, resolve_model
+
+
+@pytest.fixture
+def empty_whisper_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point openai-whisper's cache (XDG_CACHE_HOME/whisper) at an empty temp dir."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = tmp_path / "xdg" / "whisper"
+    cache.mkdir(parents=True)
+    return cache
+
+
+def test_default_is_the_bundled_ctranslate2_tiny_en():
+    resolved = resolve_model()
+    assert (resolved.name, resolved.format, resolved.path) == ("tiny.en", "ctranslate2", bundled_ct2_dir())
+    assert resolved.english_only
+
+
+def test_local_paths(tmp_path: Path):
+    ct2 = tmp_path / "my-ct2-model"
+    ct2.mkdir()
+    (ct2 / "model.bin").write_bytes(b"")
+    checkpoint = tmp_path / "small.en.pt"
+    checkpoint.write_bytes(b"")
+    assert resolve_model(str(ct2)).format == "ctranslate2"
+    resolved = resolve_model(str(checkpoint))
+    assert (resolved.name, resolved.format, resolved.path) == ("small.en", "openai", checkpoint)
+
+
+def test_bare_name_resolves_to_the_openai_cache(empty_whisper_cache: Path):
+    (empty_whisper_cache / "base.pt").write_bytes(b"")
+    resolved = resolve_model("base")
+    assert (resolved.format, resolved.path) == ("openai", empty_whisper_cache / "base.pt")
+
+
+@pytest.mark.parametrize("spec", ["large-v3", "/nonexistent/model.pt", "./no/such/dir"])
+def test_unavailable_model_names_what_is_available(spec: str, empty_whisper_cache: Path):
+    (empty_whisper_cache / "base.pt").write_bytes(b"")
+    with pytest.raises(ModelNotAvailableError) as excinfo:
+        load_engine("openai-whisper", spec, device="cpu")
+    message = str(excinfo.value)
+    assert spec in message
+    assert "tiny.en" in message and "base" in message  # what IS available
+    assert "model.bin" in message and ".pt" in message  # how to pass a path
+    assert "downloaded" in message
+
+
+def test_directory_without_model_bin_is_refused(tmp_path: Path):
+    with pytest.raises(ModelNotAvailableError, match="no CTranslate2 model.bin"):
+        resolve_model(str(tmp_path))
+
+
+def test_faster_whisper_refuses_an_openai_checkpoint(tmp_path: Path):
+    checkpoint = tmp_path / "base.pt"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ModelNotAvailableError, match="CTranslate2 model directory"):
+        load_engine("faster-whisper", str(checkpoint), device="cpu")
+
+
+def test_unknown_engine():
+    with pytest.raises(ValueError, match="unknown engine"):
+        load_engine("whisper.cpp", "tiny.en")  # type: ignore[arg-type]
+
+
+def test_faster_whisper_gets_the_bundled_directory_offline(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    engine = load_engine("faster-whisper", "tiny.en", device="cpu")
+    try:
+        assert (engine.name, engine.model_name, engine.device) == ("faster-whisper", "tiny.en", "cpu")
+        assert os.environ["HF_HUB_OFFLINE"] == "1"  # set before any faster-whisper code runs
+    finally:
+        engine.close()
+
+
+def test_files_that_are_not_models_are_refused_with_the_reason(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("AUDIO_PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "broken.pt"
+    checkpoint.write_bytes(b"not a torch file")
+    with pytest.raises(ModelNotAvailableError, match="not a loadable openai-whisper checkpoint"):
+        load_engine("openai-whisper", str(checkpoint), device="cpu")
+    ct2 = tmp_path / "broken-ct2"
+    ct2.mkdir()
+    (ct2 / "model.bin").write_bytes(b"\x06\x00")
+    with pytest.raises(ModelNotAvailableError, match="truncated"):
+        load_engine("openai-whisper", str(ct2), device="cpu")
