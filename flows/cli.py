@@ -111,6 +111,8 @@ def _run_and_report(preview: int = 0, **parameters) -> int:
     from tasks.transcribe import ServiceUnavailableError
 
     parameters = {k: v for k, v in parameters.items() if v is not None}
+    # The flow builds its settings from parameters + environment; the bar is a terminal matter.
+    os.environ.setdefault("AUDIO_PIPELINE_SHOW_PROGRESS", str(sys.stderr.isatty()).lower())
     if "extensions" in parameters:
         parameters["extensions"] = parameters["extensions"].split(",")
     try:

@@ -7,9 +7,11 @@ which can only be picked once the parameters are known, hence the subflow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import dask
 from prefect import flow, get_run_logger
@@ -114,16 +116,18 @@ def process_shards(
             submit_merge(i)
     shard_of = {id(f): s for f, s in stage_futures}
     done = 0
-    for future in as_completed([f for f, _ in stage_futures]):
-        done += 1
-        report = _report_or_none(future)
-        if report is None:
-            logger.error("a stage task of shard %d failed; its files will be reported as failed", shard_of[id(future)].index)
-        update_progress_artifact(progress, progress=100.0 * done / len(stage_futures))
-        for i in {group_of[folder] for folder in shard_of[id(future)].folders}:
-            pending[i] -= 1
-            if pending[i] == 0:
-                submit_merge(i)
+    with terminal_progress(settings.show_progress, total=2 * sum(s.n_files for s in shards)) as advance:
+        for future in as_completed([f for f, _ in stage_futures]):
+            done += 1
+            shard = shard_of[id(future)]
+            if _report_or_none(future) is None:
+                logger.error("a stage task of shard %d failed; its files will be reported as failed", shard.index)
+            update_progress_artifact(progress, progress=100.0 * done / len(stage_futures))
+            advance(shard.n_files)
+            for i in {group_of[folder] for folder in shard.folders}:
+                pending[i] -= 1
+                if pending[i] == 0:
+                    submit_merge(i)
     if not stage_futures:
         update_progress_artifact(progress, progress=100.0)
     return [report for future in merges for report in future.result()]
@@ -143,6 +147,20 @@ def share_api_url_with_workers() -> None:
 
     with get_client(sync_client=True) as client:
         os.environ["PREFECT_API_URL"] = str(client.api_url)
+
+
+@contextlib.contextmanager
+def terminal_progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over file-stages (each file is transcribed and tokenised), or a no-op."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("file-stages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task_id = bar.add_task("stages", total=total)
+        yield lambda n: bar.advance(task_id, n)
 
 
 def _report_or_none(future: PrefectFuture) -> StageReport | None:

@@ -39,6 +39,7 @@ class PipelineSettings(BaseSettings):
     http_retries: int = Field(3, ge=0, le=20, description="Retries on 5xx/connection errors.")
     http_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
     service_wait_s: float = Field(60.0, ge=0, description="How long to wait for a loading service.")
+    show_progress: bool = Field(False, description="Draw a terminal progress bar (the CLI sets it).")
 
     @field_validator("extensions", mode="before")
     @classmethod
