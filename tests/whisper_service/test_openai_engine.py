@@ -123,3 +123,14 @@ def test_cuda_fp16_transcribes_the_demo_corpus(demo_clips, tmp_path, monkeypatch
         assert score <= MAX_DEMO_WER
     finally:
         engine.close()
+
+
+def test_language_the_model_cannot_do_is_refused(openai_engine: OpenAIWhisperEngine, demo_clips):
+    """Same contract as faster-whisper: the service turns this into a 400, never a wrong text."""
+    from whisper_service.engines.base import UnsupportedLanguageError
+
+    with pytest.raises(UnsupportedLanguageError, match="English-only"):
+        openai_engine.transcribe([demo_clips[0].audio], language="fr")
+    with pytest.raises(UnsupportedLanguageError, match="unknown language"):
+        openai_engine.transcribe([demo_clips[0].audio], language="klingon")
+    assert openai_engine.transcribe([demo_clips[0].audio], language="EN")[0].language == "en"

@@ -21,6 +21,10 @@ class Transcript:
     duration: float  # seconds of input audio
 
 
+class UnsupportedLanguageError(ValueError):
+    """The request asked for a language the model cannot transcribe (the service answers 400)."""
+
+
 class ModelNotAvailableError(LookupError):
     """A model name or path that cannot be loaded offline; the message lists what can."""
 

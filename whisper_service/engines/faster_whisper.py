@@ -27,7 +27,7 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 
 from whisper_service.audio import SAMPLE_RATE
-from whisper_service.engines.base import ModelNotAvailableError, Transcript
+from whisper_service.engines.base import ModelNotAvailableError, Transcript, UnsupportedLanguageError
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's receptive field; longer clips are
 SILENCE_RMS = 10 ** (-60 / 20)  # -60 dBFS: quieter than any usable speech recording
 NO_SPEECH_THRESHOLD = 0.6  # Whisper's defaults (openai/whisper transcribe.py)
 LOGPROB_THRESHOLD = -1.0
-
-
-class UnsupportedLanguageError(ValueError):
-    """The request names a language this model cannot transcribe (e.g. "fr" on an .en model)."""
 
 
 def resolve_device(device: str) -> str:

@@ -23,7 +23,7 @@ from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import ModelDimensions, Whisper
 
 from whisper_service.audio import SAMPLE_RATE
-from whisper_service.engines.base import ModelNotAvailableError, Transcript
+from whisper_service.engines.base import ModelNotAvailableError, Transcript, UnsupportedLanguageError
 
 # Below this RMS (-60 dBFS) a clip is treated as silence and never reaches the model:
 # Whisper hallucinates text ("Thank you.") on silence and near-silence.
@@ -118,9 +118,18 @@ class OpenAIWhisperEngine:
         return self._model
 
     def _language(self, language: str | None) -> str | None:
-        # English-only checkpoints have no language tokens; anything else would be ignored or
-        # fail inside the tokenizer, so they always decode as English.
-        return language if self.model.is_multilingual else "en"
+        # Same contract as the faster-whisper engine: a language the model cannot do is the
+        # client's error (400), never silently transcribed as something else.
+        if language is None:
+            return None if self.model.is_multilingual else "en"
+        language = language.lower()
+        if language not in whisper.tokenizer.LANGUAGES:
+            raise UnsupportedLanguageError(f"unknown language code {language!r}")
+        if not self.model.is_multilingual and language != "en":
+            raise UnsupportedLanguageError(
+                f"model {self.model_name} is English-only; it cannot transcribe {language!r}"
+            )
+        return language
 
     def transcribe(self, batch: list[np.ndarray], language: str | None = None) -> list[Transcript]:
         """Transcribe each 16 kHz mono clip; one Transcript per clip, in order.
