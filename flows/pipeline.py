@@ -12,6 +12,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from uuid import UUID
 
 import dask
 from prefect import flow, get_run_logger
@@ -20,7 +21,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from flows.runner import GPU_RESOURCE, make_task_runner, uses_gpu_resources, worker_count
 from tasks.discover import group_folders, list_audio, make_batches, make_shards
-from tasks.merge import merge_folders
+from tasks.merge import merge_folders, publish_folder_artifact
 from tasks.records import FileError, FolderReport, RunSummary, Shard, StageReport, folder_of
 from tasks.settings import PipelineSettings
 from tasks.tokenise import tokenise_shard
@@ -63,8 +64,13 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
     shards = make_shards(make_batches(files, settings.batch_size), worker_count(settings), settings.shard_max_files)
     groups = group_folders(sorted(ids_by_folder), settings.merge_max_tasks)
     share_api_url_with_workers()
+    # Artifacts live on this run (the one users open from the deployment), not on the subflow.
+    progress = create_progress_artifact(progress=0.0, key="progress", description="Shard-stages done")
     inner = process_shards.with_options(task_runner=make_task_runner(settings))
-    reports = inner(shards, groups, dict(ids_by_folder), discover_errors, settings, health.get("model"))
+    reports = inner(shards, groups, dict(ids_by_folder), discover_errors, settings, health.get("model"), progress)
+    for report in reports:
+        if report.changed:  # a triggered run for 2 new files publishes 1 folder, not all 110
+            publish_folder_artifact(report, settings.results_root)
     summary = summarise(reports, settings, time.monotonic() - started)
     create_table_artifact(
         key="run-summary", table=[summary_row(summary)],
@@ -86,6 +92,7 @@ def process_shards(
     discover_errors: list[FileError],
     settings: PipelineSettings,
     model: str | None,
+    progress: UUID,
 ) -> list[FolderReport]:
     """Map both stages over the shards; merge each folder group as soon as its shards are done."""
     logger = get_run_logger()
@@ -103,7 +110,6 @@ def process_shards(
     for _, shard in stage_futures:
         for i in {group_of[folder] for folder in shard.folders}:
             pending[i] += 1
-    progress = create_progress_artifact(progress=0.0, key="progress", description="Shard-stages done")
     merges: list[PrefectFuture] = []
 
     def submit_merge(i: int) -> None:

@@ -83,17 +83,20 @@ def artifact_key(*parts: str) -> str:
 def merge_folders(
     folders: dict[str, list[str]], results_root: str, known_errors: list[FileError], label: str
 ) -> list[FolderReport]:
-    """Merge each folder's intermediates and publish a markdown artifact per folder."""
+    """Merge each folder's intermediates into its JSONL files."""
     store = Store(results_root)
-    reports = []
-    for folder, ids in sorted(folders.items()):
-        report = merge_folder(folder, ids, store, [e for e in known_errors if folder_of(e.id) == folder])
-        create_markdown_artifact(
-            key=artifact_key("folder", folder), markdown=folder_markdown(report, store),
-            description=f"Outputs of folder {folder}",
-        )
-        reports.append(report)
-    return reports
+    return [
+        merge_folder(folder, ids, store, [e for e in known_errors if folder_of(e.id) == folder])
+        for folder, ids in sorted(folders.items())
+    ]
+
+
+def publish_folder_artifact(report: FolderReport, results_root: str) -> None:
+    """A markdown artifact pointing at the folder's outputs (called from the flow run users open)."""
+    create_markdown_artifact(
+        key=artifact_key("folder", report.folder), markdown=folder_markdown(report, Store(results_root)),
+        description=f"Outputs of folder {report.folder}",
+    )
 
 
 def folder_markdown(report: FolderReport, store: Store) -> str:
