@@ -6,6 +6,17 @@
   and a few threads per worker so HTTP-bound transcription runs beside it.
 - otherwise: a plain `LocalCluster`.
 LocalCUDACluster raises NVMLError on a machine without a GPU, so we detect first.
+
+Workers import the task modules (torch, Prefect) when they start (`preload`), not when the first
+task arrives: unpickling a task runs on the worker's event loop, and on a loaded 2-core machine
+that import blocked it for over a minute, the scheduler dropped the silent worker, the worker
+shut itself down, and the flow waited forever for workers that no longer existed. Workers of an
+existing cluster should do the same: `dask worker ADDRESS --preload tasks.tokenise ...`.
+
+`memory://` roots live in one process's memory: worker processes would each see an empty
+filesystem of their own (their writes lost to the merge, the audio invisible to them). With a
+`memory://` audio or results root the local cluster therefore runs its workers as threads of
+this process (`processes=False`), and an existing scheduler is refused.
 """
 
 from __future__ import annotations
@@ -13,11 +24,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fsspec.core import split_protocol
 from prefect_dask import DaskTaskRunner
 
 from tasks.settings import PipelineSettings
 
 GPU_RESOURCE = "GPU"
+WORKER_PRELOAD = ("tasks.transcribe", "tasks.tokenise", "tasks.merge")  # see the module docstring
+# The scheduler serves /health and /metrics over HTTP even without a dashboard, on port 8787 unless
+# told otherwise: a second run (or any Dask/Jupyter on this machine) then hit "Port 8787 is already
+# in use", a UserWarning that fails the cluster's start wherever warnings are errors.
+NO_DASHBOARD = {"dashboard": False, "dashboard_address": ":0"}
+PROCESS_LOCAL_PROTOCOLS = frozenset({"memory"})  # filesystems that exist only inside one process
+
+
+def needs_shared_process(settings: PipelineSettings) -> bool:
+    """True when a root is process-local (memory://), so workers must be threads of this process."""
+    roots = (settings.audio_root, settings.results_root)
+    return any(split_protocol(root)[0] in PROCESS_LOCAL_PROTOCOLS for root in roots)
 
 
 def visible_gpu_count() -> int:
@@ -31,10 +55,17 @@ def visible_gpu_count() -> int:
 
 def cluster_plan(settings: PipelineSettings, gpus: int | None = None) -> dict[str, Any]:
     """What `make_task_runner` will build, as plain data (logged, and tested on any machine)."""
+    in_process = needs_shared_process(settings)
     if settings.dask_address:
+        if in_process:
+            raise ValueError(
+                "a memory:// audio or results root exists only in this process; an existing Dask "
+                "cluster's workers cannot see it. Use a local path or a shared URL (s3://, gcs://), "
+                "or drop --dask-address."
+            )
         return {"kind": "existing", "address": settings.dask_address}
     gpus = visible_gpu_count() if gpus is None else gpus
-    if gpus > 0:
+    if gpus > 0 and not in_process:
         return {
             "kind": "local-cuda",
             "cluster_class": "dask_cuda.LocalCUDACluster",
@@ -43,6 +74,8 @@ def cluster_plan(settings: PipelineSettings, gpus: int | None = None) -> dict[st
                 "threads_per_worker": settings.threads_per_worker,
                 "resources": {GPU_RESOURCE: 1},
                 "dashboard_address": None,
+                "scheduler_kwargs": dict(NO_DASHBOARD),
+                "preload": list(WORKER_PRELOAD),
             },
         }
     n_workers = settings.n_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -52,8 +85,10 @@ def cluster_plan(settings: PipelineSettings, gpus: int | None = None) -> dict[st
         "cluster_kwargs": {
             "n_workers": n_workers,
             "threads_per_worker": settings.threads_per_worker,
-            "processes": True,
+            "processes": not in_process,
             "dashboard_address": None,
+            "scheduler_kwargs": dict(NO_DASHBOARD),
+            "preload": list(WORKER_PRELOAD),
         },
     }
 

@@ -7,8 +7,11 @@ number of shards grows with the corpus only up to `shard_max_files` per shard.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import posixpath
+import stat
 from collections import defaultdict
 
 import fsspec
@@ -18,6 +21,8 @@ from tasks.records import AudioFile, Batch, FileError, Shard, SourceInfo, folder
 from tasks.storage import stem_id
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
+
+logger = logging.getLogger(__name__)
 
 
 def is_candidate(name: str, extensions: tuple[str, ...]) -> bool:
@@ -47,15 +52,21 @@ def list_audio(
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise FileNotFoundError(f"audio root not found or not a directory: {audio_root}")
-    found = fs.find(root, withdirs=False, detail=True)
     files: list[AudioFile] = []
     errors: list[FileError] = []
+    if isinstance(fs, LocalFileSystem):
+        found, unlisted = _find_local(root)
+        errors += [FileError(id=_relative(path, root), stage="discover", error=why) for path, why in unlisted]
+    else:
+        found = fs.find(root, withdirs=False, detail=True)
     by_stem: dict[str, str] = {}
     for path, info in sorted(found.items()):
-        file_id = posixpath.relpath(path, root) if path.startswith(root) else path
+        file_id = _relative(path, root)
         if not is_candidate(file_id, extensions):
             continue
         if info.get("type") not in (None, "file"):
+            # Not silently dropped: a FIFO would hang a reader, a broken link has nothing to read.
+            errors.append(FileError(id=file_id, stage="discover", error=info.get("why") or "not a regular file"))
             continue
         stem = stem_id(file_id)
         if stem in by_stem:
@@ -70,6 +81,58 @@ def list_audio(
         full = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
         files.append(AudioFile(id=file_id, path=full, source=SourceInfo(size=size, mtime=_mtime(info))))
     return files, errors
+
+
+def _relative(path: str, root: str) -> str:
+    return posixpath.relpath(path, root) if path.startswith(root) else path
+
+
+def _find_local(root: str) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+    """Every non-directory under a local `root`, following symlinks like `find -L`.
+
+    fsspec's local `find` types every symlink "other" (fsspec 2026.9: `DirEntry.is_file(
+    follow_symlinks=False)`), so a symlinked clip or speaker folder would vanish without a
+    trace. Here links are followed; a link back to one of its own parent folders (a loop) is
+    skipped, and entries that cannot be read are returned typed "other" with a reason.
+
+    Returns:
+        ({path: {"type", "size", "mtime"[, "why"]}}, [(folder, why) for folders that could not be listed])
+    """
+    found: dict[str, dict] = {}
+    unlisted: list[tuple[str, str]] = []
+    stack: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    while stack:
+        directory, ancestors = stack.pop()
+        real = os.path.realpath(directory)
+        if real in ancestors:
+            logger.info("not following %s: a symlink back to its own parent folder %s", directory, real)
+            continue
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as e:
+            if directory == root:
+                raise
+            unlisted.append((directory, f"cannot list this folder: {e.strerror or e}"))
+            continue
+        for entry in entries:
+            path = f"{directory.rstrip('/')}/{entry.name}"
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append((path, ancestors | {real}))
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                found[path] = {"type": "other", "why": f"broken symbolic link to {os.readlink(path)}"}
+                continue
+            except OSError as e:  # e.g. ELOOP: a link that points at itself
+                found[path] = {"type": "other", "why": f"cannot stat: {e.strerror or e}"}
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[path] = {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+            else:
+                found[path] = {"type": "other", "why": "not a regular file (a FIFO, socket or device)"}
+    return found, unlisted
 
 
 def make_batches(files: list[AudioFile], batch_size: int) -> list[Batch]:

@@ -9,13 +9,14 @@ is already atomic: the object appears whole or not at all, so we write the objec
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import fsspec
@@ -69,6 +70,9 @@ class Store:
             os.makedirs(directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
             try:
+                # mkstemp creates 0600 and rename keeps it: results would be unreadable to anyone
+                # but their writer. Give them the mode a plain open() would (0666 minus umask).
+                os.fchmod(fd, 0o666 & ~_umask())
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -146,6 +150,18 @@ class Store:
         os.makedirs(lock_dir, exist_ok=True)
         with FileLock(os.path.join(lock_dir, f"{key}.lock"), timeout=timeout_s):
             yield
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux allows (no race with threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore, once per process
+    os.umask(mask)
+    return mask
 
 
 def _jsonl(records: list[BaseModel]) -> bytes:
