@@ -26,6 +26,7 @@ def port_8787_taken():
         yield
 
 
+@pytest.mark.slow
 def test_local_cluster_preloads_task_modules_and_takes_no_fixed_port(port_8787_taken):
     """Regressions:
     - the first task's unpickling imported torch and Prefect on the worker's event loop; on a loaded
