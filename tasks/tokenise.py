@@ -54,10 +54,8 @@ def tokenise_batches(
                 store.write_record("tokens", Failure(id=f.id, stage="decode", error=str(e), source=f.source))
                 failed += 1
             except (ValueError, RuntimeError, MemoryError) as e:
-                # Not an AudioDecodeError, yet still this one file's fault: a FLAC whose header says
-                # "length unknown" (total_samples=0) makes soundfile size its buffer from a bogus
-                # frame count, and numpy raises ValueError("array is too big"). Uncaught, it failed
-                # the whole shard and every file in it lost its tokens.
+                # Not an AudioDecodeError, yet still this one file's fault (a decoder surprise, as
+                # total_samples=0 FLACs once were): it must not fail the shard's other files.
                 error = f"cannot decode: {type(e).__name__}: {e}"
                 store.write_record("tokens", Failure(id=f.id, stage="decode", error=error, source=f.source))
                 failed += 1

@@ -14,6 +14,7 @@ from typing import Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from whisper_service.audio import MAX_AUDIO_SECONDS
 from whisper_service.engines import DeviceName, EngineName
 
 MB = 1024 * 1024
@@ -44,6 +45,9 @@ class WhisperServiceSettings(BaseSettings):
         10, ge=0, description="How long the first request of a batch waits for company."
     )
     max_upload_bytes: int = Field(100 * MB, ge=1, description="Largest accepted audio upload.")
+    max_audio_seconds: float = Field(
+        MAX_AUDIO_SECONDS, gt=0, description="Longest accepted audio once decoded (FLAC packs silence ~1000:1)."
+    )
     language: str | None = Field(
         None, description="Language used when a request names none; None lets the model decide."
     )

@@ -46,6 +46,18 @@ def header_only_flac() -> bytes:
     return b"fLaC" + bytes([0x80]) + (34).to_bytes(3, "big") + bytes(info)
 
 
+def unknown_length_flac() -> bytes:
+    """A good clip whose STREAMINFO says total_samples=0 ("unknown"), frames intact.
+
+    What `ffmpeg ... -f flac pipe:` and other streaming encoders write: they cannot seek back to
+    fill in the length. libsndfile reports SF_COUNT_MAX frames and cannot seek in it.
+    """
+    good = bytearray(GOOD[0].read_bytes())
+    good[8 + 13] &= 0xF0
+    good[8 + 14 : 8 + 18] = bytes(4)
+    return bytes(good)
+
+
 # id -> "line" or the set of stages its error lines must name
 Expected = dict[str, "str | set[str]"]
 
@@ -69,6 +81,7 @@ def build_bad_corpus(root: Path) -> Expected:
     put("bad/zero_samples.flac", header_only_flac(), {"decode", "transcribe"})
     put("bad/truncated.flac", GOOD[2].read_bytes()[: GOOD[2].stat().st_size // 2], {"decode"})
     put("bad/random_bytes.flac", rng.bytes(8192), {"decode"})
+    put("odd/streamed_unknown_length.flac", unknown_length_flac(), "line")
     put("odd/wav_named.flac", encode(clip, fmt="WAV", subtype="PCM_16"), "line")
     put("odd/short_0.1s.flac", encode(clip[:1_600]), "line")
     put("odd/silence.flac", encode(np.zeros(2 * 16_000, np.float32)), "line")

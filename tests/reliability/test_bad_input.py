@@ -67,7 +67,8 @@ def _audio_file(path: Path, file_id: str) -> AudioFile:
 
 def test_undecodable_file_costs_only_itself_in_tokenisation(tmp_path):
     """Regression: a header-only FLAC (total_samples=0) made decode raise a plain ValueError
-    ("array is too big"), which failed the whole tokenise shard: its good files lost tokens."""
+    ("array is too big"), which failed the whole tokenise shard: its good files lost tokens.
+    Now decode reads it as a stream and finds no samples: a per-file decode error."""
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "bad.flac").write_bytes(header_only_flac())
     (tmp_path / "s" / "good.flac").write_bytes(GOOD[0].read_bytes())
@@ -77,7 +78,7 @@ def test_undecodable_file_costs_only_itself_in_tokenisation(tmp_path):
     report = tokenise_batches([Batch(folder="s", files=files)], settings, store)
     assert (report.done, report.failed) == (1, 1)
     bad = store.read_tokens("s/bad.flac")
-    assert isinstance(bad, Failure) and bad.stage == "decode" and "cannot decode" in bad.error
+    assert isinstance(bad, Failure) and bad.stage == "decode" and "no samples" in bad.error
     assert isinstance(store.read_tokens("s/good.flac"), Tokens)
 
 

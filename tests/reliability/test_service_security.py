@@ -17,7 +17,7 @@ import soundfile as sf
 from bench.service_load import run_load, verdict
 from tests.reliability.conftest import AUTH, TOKEN, ServiceProcess
 from tests.reliability.conftest import UPLOAD_LIMIT as LIMIT
-from tests.reliability.corpus import GOOD, header_only_flac
+from tests.reliability.corpus import GOOD, header_only_flac, unknown_length_flac
 from whisper_service.app import OPEN_PATHS, create_app
 from whisper_service.settings import WhisperServiceSettings
 
@@ -98,14 +98,15 @@ def test_format_comes_from_the_bytes_not_the_name_or_content_type(service):
         assert response.status_code == 400 and "not readable audio" in response.json()["error"], (case, response.text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "whisper_service/audio.py (service engineer): a FLAC whose STREAMINFO says total_samples=0 "
-    "('unknown length', what a streaming encoder writes) makes soundfile size its read buffer from a "
-    "bogus frame count; numpy raises ValueError('array is too big'), which decode_audio does not turn "
-    "into AudioDecodeError, so the route answers 500 and the pipeline retries it 3 times"))
-def test_header_only_flac_is_refused_with_a_4xx(service):
-    response = post(service.url, files={"file": ("zero.flac", header_only_flac(), "audio/flac")})
-    assert 400 <= response.status_code < 500, response.text
+def test_flac_of_unknown_length_is_decoded_or_refused_with_a_4xx(service):
+    """Regression: total_samples=0 in STREAMINFO made numpy raise "array is too big": a 500,
+    which the pipeline retried three times. Frames present: transcribed; none: a 400."""
+    empty = post(service.url, files={"file": ("zero.flac", header_only_flac(), "audio/flac")})
+    assert empty.status_code == 400 and "no samples" in empty.json()["error"], empty.text
+    streamed = post(service.url, files={"file": ("s.flac", unknown_length_flac(), "audio/flac")})
+    known = post(service.url, files={"file": ("k.flac", GOOD[0].read_bytes(), "audio/flac")})
+    assert streamed.status_code == 200 and known.status_code == 200, (streamed.text, known.text)
+    assert streamed.json()["text"] == known.json()["text"] != ""
 
 
 # --- no filesystem path is ever taken from a request ---
