@@ -31,22 +31,38 @@ from tasks.transcribe import check_service, transcribe_shard
 @flow(name="parallel-transcribe-tokenise", log_prints=True)
 def parallel_transcribe_tokenise(
     audio_root: str,
-    results_root: str = "results",
-    service_url: str = "http://localhost:8000",
-    tokenizer: str = "rpq",
-    batch_size: int = 32,
+    results_root: str | None = None,
+    service_url: str | None = None,
+    tokenizer: str | None = None,
+    batch_size: int | None = None,
     extensions: list[str] | None = None,
     dask_address: str | None = None,
     n_workers: int | None = None,
 ) -> RunSummary:
-    """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`."""
-    given = {
-        "audio_root": audio_root, "results_root": results_root, "service_url": service_url,
-        "tokenizer": tokenizer, "batch_size": batch_size, "extensions": extensions,
-        "dask_address": dask_address, "n_workers": n_workers,
-    }
-    settings = PipelineSettings(**{k: v for k, v in given.items() if v is not None})
-    return run_pipeline(settings)
+    """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
+
+    A parameter left empty falls back to the worker's `AUDIO_PIPELINE_*` environment, then to
+    the default named here; a parameter's default must not mask the environment.
+
+    Args:
+        audio_root: Local path or fsspec URL of the speaker folders.
+        results_root: Local path or fsspec URL for outputs (default `results`).
+        service_url: Whisper service base URL (default `http://localhost:8000`).
+        tokenizer: rpq (default), simulated or encodec.
+        batch_size: Files per batch, one engine call each (default 32).
+        extensions: Audio suffixes to pick up (default .flac .wav .mp3 .ogg).
+        dask_address: An existing Dask scheduler; empty starts a local cluster.
+        n_workers: Local Dask workers when there is no GPU (default: one per 2 cores, up to 4).
+    """
+    return run_pipeline(settings_from_parameters(
+        audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
+        batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
+    ))
+
+
+def settings_from_parameters(**parameters: object) -> PipelineSettings:
+    """Flow parameters over `AUDIO_PIPELINE_*` env over defaults: None means "not given"."""
+    return PipelineSettings(**{k: v for k, v in parameters.items() if v is not None})
 
 
 def run_pipeline(settings: PipelineSettings) -> RunSummary:

@@ -6,10 +6,11 @@ workers by pickling, so it holds plain values only.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg")
 
@@ -30,7 +31,8 @@ class PipelineSettings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096, description="Files per batch (one engine call).")
     shard_max_files: int = Field(1024, ge=1, description="Most files one task works through.")
     merge_max_tasks: int = Field(64, ge=1, description="Most merge tasks per run.")
-    extensions: tuple[str, ...] = Field(DEFAULT_EXTENSIONS, description="Audio file suffixes.")
+    # NoDecode: AUDIO_PIPELINE_EXTENSIONS=.flac,.wav reaches the validator as text, not as JSON.
+    extensions: Annotated[tuple[str, ...], NoDecode] = Field(DEFAULT_EXTENSIONS, description="Audio file suffixes.")
     dask_address: str | None = Field(None, description="Existing Dask scheduler address.")
     n_workers: int | None = Field(None, ge=1, description="Local Dask workers (CPU only).")
     threads_per_worker: int = Field(4, ge=1, description="Threads per Dask worker.")
@@ -45,7 +47,7 @@ class PipelineSettings(BaseSettings):
     @classmethod
     def _normalise_extensions(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
-            value = value.split(",")
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
         exts = tuple(
             (e if e.startswith(".") else f".{e}").lower() for e in (v.strip() for v in value) if e
         )
