@@ -24,6 +24,7 @@ from tasks.discover import group_folders, list_audio, make_batches, make_shards
 from tasks.merge import merge_folders, publish_folder_artifact
 from tasks.records import FileError, FolderReport, RunSummary, Shard, StageReport, folder_of
 from tasks.settings import PipelineSettings
+from tasks.storage import Store
 from tasks.tokenise import tokenise_shard
 from tasks.transcribe import check_service, transcribe_shard
 
@@ -70,6 +71,8 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
     logger = get_run_logger()
     started = time.monotonic()
     health = check_service(settings)  # before any work is scheduled
+    for leftover in Store(settings.results_root).sweep_stale_temps():
+        logger.info("removed %s, a temp file an earlier run was killed while writing", leftover)
     files, discover_errors = list_audio(settings.audio_root, settings.extensions)
     logger.info("found %d audio files under %s (%d refused)", len(files), settings.audio_root, len(discover_errors))
     ids_by_folder: dict[str, list[str]] = defaultdict(list)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from tasks.records import Failure, Tokens, Transcription
 
 Kind = Literal["transcriptions", "tokens"]
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gcs", "gs", "az", "abfs", "abfss", "memory"}
 
 
@@ -68,7 +70,7 @@ class Store:
         if self.is_local:
             directory = os.path.dirname(target)
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
             try:
                 # mkstemp creates 0600 and rename keeps it: results would be unreadable to anyone
                 # but their writer. Give them the mode a plain open() would (0666 minus umask).
@@ -108,6 +110,27 @@ class Store:
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(relative))
+
+    def sweep_stale_temps(self, older_than_s: float = 3600.0) -> list[str]:
+        """Delete temp files a killed writer left behind; returns their paths.
+
+        Only on a local disk (object-store PUTs leave none). A temp younger than `older_than_s`
+        may belong to a run still writing beside this one, so it is left alone.
+        """
+        if not self.is_local or not os.path.isdir(self.root):
+            return []
+        cutoff = time.time() - older_than_s
+        swept = []
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+                    continue
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        swept.append(path)
+        return swept
 
     # -- reads ---------------------------------------------------------------------------------
     def read_bytes(self, relative: str) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -49,6 +50,26 @@ def test_local_write_leaves_no_temp_files(tmp_path):
     store.write_bytes("x/y.jsonl", b"two\n")
     assert os.listdir(tmp_path / "x") == ["y.jsonl"]
     assert (tmp_path / "x" / "y.jsonl").read_bytes() == b"two\n"
+
+
+def test_temps_left_by_a_killed_writer_are_swept_once_stale(tmp_path):
+    """A SIGKILL between mkstemp and rename leaves `.tmp-*.part`; the next run removes it,
+    but never a temp young enough to belong to a run writing right now."""
+    store = Store(str(tmp_path))
+    store.write_bytes("p1.jsonl", b"line\n")
+    stale = tmp_path / "transcriptions" / "p1" / ".tmp-abc.part"
+    fresh = tmp_path / ".tmp-def.part"
+    lookalike = tmp_path / "transcriptions" / "p1" / ".tmp-notes.txt"
+    for path in (stale, fresh, lookalike):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(lookalike, (two_hours_ago, two_hours_ago))
+    assert store.sweep_stale_temps(older_than_s=3600) == [str(stale)]
+    assert not stale.exists() and fresh.exists() and lookalike.exists()
+    assert (tmp_path / "p1.jsonl").read_bytes() == b"line\n"
+    assert Store(f"memory://sweep-{os.getpid()}").sweep_stale_temps() == []
 
 
 def test_merge_sorted_complete_lines_and_errors(store):
