@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import cast
 
 import ctranslate2
 import numpy as np
@@ -27,14 +26,15 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 
 from whisper_service.audio import SAMPLE_RATE
-from whisper_service.engines.base import ModelNotAvailableError, Transcript, UnsupportedLanguageError
+from whisper_service.engines.base import (
+    ModelNotAvailableError,
+    Transcript,
+    UnsupportedLanguageError,
+    is_no_speech,
+    transcribe_by_length,
+)
 
 logger = logging.getLogger(__name__)
-
-WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's receptive field; longer clips are windowed
-SILENCE_RMS = 10 ** (-60 / 20)  # -60 dBFS: quieter than any usable speech recording
-NO_SPEECH_THRESHOLD = 0.6  # Whisper's defaults (openai/whisper transcribe.py)
-LOGPROB_THRESHOLD = -1.0
 
 
 def resolve_device(device: str) -> str:
@@ -44,13 +44,6 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     return device
-
-
-def is_silent(audio: np.ndarray) -> bool:
-    """True for empty or near-digital-silence audio, which Whisper would only hallucinate on."""
-    if audio.size == 0:
-        return True
-    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < SILENCE_RMS
 
 
 class FasterWhisperEngine:
@@ -111,21 +104,12 @@ class FasterWhisperEngine:
         """
         model = self._loaded()
         language = self._check_language(model, language)
-        results: list[Transcript | None] = [None] * len(batch)
-        short: list[int] = []
-        for i, audio in enumerate(batch):
-            duration = len(audio) / SAMPLE_RATE
-            if is_silent(audio):
-                results[i] = Transcript("", language or "en", duration)
-            elif len(audio) > WINDOW_SAMPLES:
-                results[i] = self._transcribe_long(model, audio, language)
-            else:
-                short.append(i)
-        if short:
-            texts = self._transcribe_windows(model, [batch[i] for i in short], language)
-            for i, (text, lang) in zip(short, texts):
-                results[i] = Transcript(text, lang, len(batch[i]) / SAMPLE_RATE)
-        return cast(list[Transcript], results)  # every slot was filled above
+
+        def short(clips: list[np.ndarray]) -> list[Transcript]:
+            texts = self._transcribe_windows(model, clips, language)
+            return [Transcript(text, lang, len(c) / SAMPLE_RATE) for (text, lang), c in zip(texts, clips, strict=True)]
+
+        return transcribe_by_length(batch, language, short, lambda audio: self._transcribe_long(model, audio, language))
 
     def close(self) -> None:
         """Drop the model so its memory (host or GPU) can be freed."""
@@ -183,7 +167,7 @@ class FasterWhisperEngine:
         for lang, result in zip(languages, generated):
             tokens = result.sequences_ids[0]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # length_penalty=1
-            if result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD:
+            if is_no_speech(result.no_speech_prob, avg_logprob):
                 out.append(("", lang))
             else:
                 out.append((tokenizers[lang].decode(tokens).strip(), lang))

@@ -18,20 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import whisper
-from whisper.audio import N_SAMPLES
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import ModelDimensions, Whisper
 
 from whisper_service.audio import SAMPLE_RATE
-from whisper_service.engines.base import ModelNotAvailableError, Transcript, UnsupportedLanguageError
-
-# Below this RMS (-60 dBFS) a clip is treated as silence and never reaches the model:
-# Whisper hallucinates text ("Thank you.") on silence and near-silence.
-SILENCE_RMS = 1e-3
-# Same rule as `whisper.transcribe`: a segment is "no speech" when the model says so AND it is
-# not confident about the text it produced.
-NO_SPEECH_THRESHOLD = 0.6
-LOGPROB_THRESHOLD = -1.0
+from whisper_service.engines.base import (
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    ModelNotAvailableError,
+    Transcript,
+    UnsupportedLanguageError,
+    is_no_speech,
+    transcribe_by_length,
+)
 
 
 def resolve_device(device: str) -> str:
@@ -140,22 +139,12 @@ class OpenAIWhisperEngine:
         language = self._language(language)
         # Own writable copies: torch.from_numpy warns on read-only buffers (np.frombuffer).
         clips = [np.array(audio, dtype=np.float32) for audio in batch]
-        results: list[Transcript | None] = [None] * len(clips)
-        short: list[int] = []
         with self._lock:
-            for i, audio in enumerate(clips):
-                duration = len(audio) / SAMPLE_RATE
-                if is_silent(audio):
-                    results[i] = Transcript("", language or "en", duration)
-                elif len(audio) > N_SAMPLES:
-                    results[i] = self._transcribe_long(audio, language, duration)
-                else:
-                    short.append(i)
-            if short:
-                decoded = self._decode_short([clips[i] for i in short], language)
-                for i, transcript in zip(short, decoded, strict=True):
-                    results[i] = transcript
-        return [r for r in results if r is not None]
+            return transcribe_by_length(
+                clips, language,
+                lambda short: self._decode_short(short, language),
+                lambda audio: self._transcribe_long(audio, language, len(audio) / SAMPLE_RATE),
+            )
 
     def _decode_short(self, clips: list[np.ndarray], language: str | None) -> list[Transcript]:
         """One batched greedy pass over clips of at most 30 s."""
@@ -215,15 +204,3 @@ def _warm_tokenizer(model: Whisper) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
-
-
-def is_silent(audio: np.ndarray) -> bool:
-    """True for empty or near-silent audio (RMS below SILENCE_RMS)."""
-    if audio.size == 0:
-        return True
-    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < SILENCE_RMS
-
-
-def is_no_speech(no_speech_prob: float, avg_logprob: float) -> bool:
-    """whisper.transcribe's rule: likely no speech and not confident in the decoded text."""
-    return no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
