@@ -23,8 +23,6 @@ import json
 import os
 import random
 import secrets
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +34,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
+
+from flows.demo import service_process
 
 REPO = Path(__file__).parents[1]
 DEMO_AUDIO = REPO / "flows" / "demo_data" / "audio"
@@ -249,43 +249,13 @@ def _round(value: float | None) -> float | None:
     return round(value, 1) if value is not None else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_service(token: str, max_upload_bytes: int, timeout_s: float = 240,
                   log: Path | None = None) -> Iterator[tuple[str, int]]:
     """`audio-pipeline serve` on 127.0.0.1 with a token and an upload limit; yields (url, pid)."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "WHISPER_API_TOKEN": token, "WHISPER_MAX_UPLOAD_BYTES": str(max_upload_bytes)}
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {proc.returncode} before it was ready")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the service at {url} was not ready after {timeout_s:.0f} s")
-            time.sleep(0.25)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log:
-            out.close()
+    env = {"WHISPER_API_TOKEN": token, "WHISPER_MAX_UPLOAD_BYTES": str(max_upload_bytes)}
+    with service_process(env=env, log=log, timeout_s=timeout_s) as service:
+        yield service.url, service.pid
 
 
 def verdict(report: dict, rss_bound_mb: float) -> list[str]:

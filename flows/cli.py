@@ -67,7 +67,6 @@ def _pipeline_options(f):
 @_pipeline_options
 def run(audio_root: str, **flags) -> None:
     """Transcribe and tokenise AUDIO_ROOT into RESULTS/{folder}.jsonl."""
-    from tasks.settings import PipelineSettings
 
     sys.exit(_run_and_report(audio_root=audio_root, **flags))
 

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 
@@ -20,40 +21,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def local_service(port: int = 0, timeout_s: float = 180.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """Run `audio-pipeline serve` on 127.0.0.1 until the block exits; yields its URL once healthy.
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    pid: int
 
-    The service's own log goes to a temp file (its access log would drown the flow's output);
-    its tail is shown if the service dies before it is ready.
+
+@contextlib.contextmanager
+def service_process(
+    port: int = 0, env: dict[str, str] | None = None, log: str | os.PathLike | None = None,
+    timeout_s: float = 180.0, extra_args: tuple[str, ...] = (),
+) -> Iterator[RunningService]:
+    """Run `audio-pipeline serve` on 127.0.0.1 until the block exits; yields it once healthy.
+
+    `env` is added to this process's environment (e.g. WHISPER_API_TOKEN). The service's own
+    log goes to `log`, or to a temp file (its access log would drown the caller's output) whose
+    tail is shown if the service dies before it is ready.
     """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="whisper-service-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    log_path = os.fspath(log) if log else None
+    if log_path is None:
+        with tempfile.NamedTemporaryFile(prefix="whisper-service-", suffix=".log", delete=False) as temp:
+            log_path = temp.name
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args],
+            env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                with open(log.name, errors="replace") as f:
+                with open(log_path, errors="replace") as f:
                     tail = f.read()[-2000:]
-                raise RuntimeError(f"the Whisper service exited with code {proc.returncode} before it was ready:\n{tail}")
+                raise RuntimeError(f"the Whisper service exited with code {proc.returncode} before it was ready:\n"
+                                   f"{tail}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the Whisper service at {url} was not ready after {timeout_s:.0f} s")
             time.sleep(0.25)
-        yield url
+        yield RunningService(url=url, pid=proc.pid)
     finally:
-        log.close()
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        os.unlink(log.name)
+        if log is None:
+            os.unlink(log_path)
+
+
+@contextlib.contextmanager
+def local_service(port: int = 0, timeout_s: float = 180.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """The demo's service: `service_process` with this environment; yields its URL."""
+    with service_process(port, timeout_s=timeout_s, extra_args=extra_args) as service:
+        yield service.url
