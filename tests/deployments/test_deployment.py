@@ -366,7 +366,7 @@ def test_prefect_yaml_deploys_pool_limit_trigger_and_pull_step(deployed, prefect
     assert raw["entrypoint"] == "flows/pipeline.py:parallel_transcribe_tokenise"
     assert raw["work_pool_name"] == POOL
     assert raw["parameters"] == spec["parameters"]
-    assert set(raw["parameters"]) == {"audio_root", "results_root"}  # the rest: worker env, then defaults
+    assert set(raw["parameters"]) == {"audio_root", "results_root", "service_url", "tokenizer", "batch_size"}
     assert raw["global_concurrency_limit"]["limit"] == 1
     assert raw["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert raw["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
