@@ -17,9 +17,11 @@ from uuid import UUID
 import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, as_completed
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 
 from flows.runner import GPU_RESOURCE, make_task_runner, uses_gpu_resources, worker_count
+from flows.watchdog import NoWorkersWatchdog, finished
 from tasks.discover import group_folders, list_audio, make_batches, make_shards
 from tasks.merge import merge_folders, publish_folder_artifact
 from tasks.records import FileError, FolderReport, RunSummary, Shard, StageReport, folder_of
@@ -129,33 +131,60 @@ def process_shards(
     for _, shard in stage_futures:
         for i in {group_of[folder] for folder in shard.folders}:
             pending[i] += 1
-    merges: list[PrefectFuture] = []
+    merges: dict[int, PrefectFuture] = {}
+    reports: dict[int, list[FolderReport]] = {}
+
+    def folders_of(i: int) -> dict[str, list[str]]:
+        return {folder: ids_by_folder[folder] for folder in groups[i]}
+
+    def label_of(i: int) -> str:
+        return groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}-to-{groups[i][-1]}"
 
     def submit_merge(i: int) -> None:
-        folders = {folder: ids_by_folder[folder] for folder in groups[i]}
-        label = groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}-to-{groups[i][-1]}"
-        merges.append(merge_folders.submit(folders, settings.results_root, discover_errors, label))
+        merges[i] = merge_folders.submit(folders_of(i), settings.results_root, discover_errors, label_of(i))
+
+    def shard_stage_over(shard: Shard) -> None:
+        for i in {group_of[folder] for folder in shard.folders}:
+            pending[i] -= 1
+            if pending[i] == 0 and not watchdog.gave_up.is_set():
+                submit_merge(i)
 
     for i, count in enumerate(pending):
         if count == 0:  # folders whose every file was refused at discovery
             submit_merge(i)
     shard_of = {id(f): s for f, s in stage_futures}
     done = 0
-    with terminal_progress(settings.show_progress, total=2 * sum(s.n_files for s in shards)) as advance:
-        for future in as_completed([f for f, _ in stage_futures]):
+    watchdog = NoWorkersWatchdog(FlowRunContext.get().task_runner.client, settings.no_workers_timeout_s)
+    with watchdog, terminal_progress(settings.show_progress, total=2 * sum(s.n_files for s in shards)) as advance:
+        unfinished = {id(f): f for f, _ in stage_futures}
+        for future in finished([f for f, _ in stage_futures], watchdog.gave_up):
+            del unfinished[id(future)]
             done += 1
             shard = shard_of[id(future)]
             if _report_or_none(future) is None:
                 logger.error("a stage task of shard %d failed; its files will be reported as failed", shard.index)
             update_progress_artifact(progress, progress=100.0 * done / len(stage_futures))
             advance(shard.n_files)
-            for i in {group_of[folder] for folder in shard.folders}:
-                pending[i] -= 1
-                if pending[i] == 0:
-                    submit_merge(i)
+            shard_stage_over(shard)
+        merge_futures = {id(f): i for i, f in merges.items()}
+        for future in finished(list(merges.values()), watchdog.gave_up):
+            reports[merge_futures[id(future)]] = future.result()
+    if watchdog.gave_up.is_set():
+        logger.error(
+            "the Dask cluster has had no workers for %.0f s: giving up on %d unfinished shard-stages "
+            "and merging %d folder groups in this process (unfinished files are reported as failed; "
+            "finished work is kept, so a rerun does only what is missing). Start workers, then run again.",
+            settings.no_workers_timeout_s, len(unfinished), len(groups) - len(reports),
+        )
+        watchdog.cancel([*unfinished.values(), *merges.values()])
+        for future in unfinished.values():
+            shard_stage_over(shard_of[id(future)])
+        for i in range(len(groups)):  # in this process: there is no worker to run them
+            if i not in reports:
+                reports[i] = merge_folders(folders_of(i), settings.results_root, discover_errors, label_of(i))
     if not stage_futures:
         update_progress_artifact(progress, progress=100.0)
-    return [report for future in merges for report in future.result()]
+    return [report for i in sorted(reports) for report in reports[i]]
 
 
 def share_api_url_with_workers() -> None:

@@ -36,6 +36,9 @@ class PipelineSettings(BaseSettings):
     dask_address: str | None = Field(None, description="Existing Dask scheduler address.")
     n_workers: int | None = Field(None, ge=1, description="Local Dask workers (CPU only).")
     threads_per_worker: int = Field(4, ge=1, description="Threads per Dask worker.")
+    no_workers_timeout_s: float = Field(
+        600.0, gt=0, description="Give up (files reported failed) when the cluster has had no workers this long."
+    )
     http_concurrency: int = Field(8, ge=1, le=256, description="Requests in flight per task.")
     http_timeout_s: float = Field(300.0, gt=0, description="Per-request read timeout.")
     http_retries: int = Field(3, ge=0, le=20, description="Retries on 5xx/connection errors.")

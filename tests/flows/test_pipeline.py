@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import soundfile as sf
 
@@ -120,22 +121,24 @@ def test_unreachable_service_fails_fast(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.fixture
-def dask_cluster_address(tmp_path):
-    """A real `dask scheduler` and two `dask worker` processes on loopback."""
+@contextlib.contextmanager
+def dask_cluster(cwd: Path, workers: int) -> Iterator[str]:
+    """A real `dask scheduler` and `workers` `dask worker` processes on loopback; yields its address."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
     procs = [subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0", "--no-show"], cwd=tmp_path)]
+                               "--dashboard-address", ":0", "--no-show"], cwd=cwd)]
     try:
-        for _ in range(2):
+        for _ in range(workers):  # started the way README tells users to start theirs
             procs.append(subprocess.Popen([bindir / "dask", "worker", address, "--nthreads", "2",
-                                           "--no-dashboard", "--host", "127.0.0.1"], cwd=Path(__file__).parents[2]))
+                                           "--no-dashboard", "--host", "127.0.0.1", "--preload", "tasks.tokenise"],
+                                          cwd=Path(__file__).parents[2]))
         from distributed import Client
 
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
+        with Client(address, timeout=60) as client:  # also: the scheduler is up
+            if workers:
+                client.wait_for_workers(workers, timeout=120)
         yield address
     finally:
         for p in reversed(procs):
@@ -147,6 +150,12 @@ def dask_cluster_address(tmp_path):
                 p.kill()
 
 
+@pytest.fixture
+def dask_cluster_address(tmp_path) -> Iterator[str]:
+    with dask_cluster(tmp_path, workers=2) as address:
+        yield address
+
+
 def test_existing_dask_scheduler(demo_run, dask_cluster_address, whisper_service_url, tmp_path):
     _, reference_results, _ = demo_run
     summary = parallel_transcribe_tokenise(
@@ -156,3 +165,24 @@ def test_existing_dask_scheduler(demo_run, dask_cluster_address, whisper_service
     assert summary.failed == 0
     for p in reference_results.glob("*.jsonl"):
         assert (tmp_path / "results" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_cluster_without_workers_is_given_up_on_not_waited_for_forever(tmp_path, whisper_service_url, monkeypatch):
+    """Regression: with every worker gone, Dask keeps tasks queued and the run hung silently.
+    Now, after AUDIO_PIPELINE_NO_WORKERS_TIMEOUT_S, the files are reported failed, the folders
+    are merged in the flow's own process, and the run returns."""
+    monkeypatch.setenv("AUDIO_PIPELINE_NO_WORKERS_TIMEOUT_S", "3")
+    audio = tmp_path / "audio"
+    shutil.copytree(DEMO_AUDIO / "p225", audio / "p225")
+    before = transcribe_requests(whisper_service_url)
+    with dask_cluster(tmp_path, workers=0) as address:
+        started = time.monotonic()
+        summary = parallel_transcribe_tokenise(audio_root=str(audio), results_root=str(tmp_path / "results"),
+                                               service_url=whisper_service_url, dask_address=address)
+        assert time.monotonic() - started < 90
+    files = sorted(p.relative_to(audio).as_posix() for p in audio.rglob("*.flac"))
+    assert (summary.files, summary.lines, summary.failed) == (len(files), 0, len(files))
+    errors = read_jsonl(tmp_path / "results" / "p225.errors.jsonl")
+    assert {(e["id"], e["stage"]) for e in errors} == {(f, s) for f in files for s in ("transcribe", "tokenise")}
+    assert all("no transcribe result" in e["error"] or "no tokenise result" in e["error"] for e in errors)
+    assert transcribe_requests(whisper_service_url) == before  # nothing ran anywhere
