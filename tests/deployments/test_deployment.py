@@ -334,6 +334,7 @@ class Deployed:
     id: str
     raw: dict
     results: Path
+    automations: list[dict]  # as `prefect deploy` created them from prefect.yaml
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +355,8 @@ def deployed(prefect_server, whisper_service_url, tmp_path_factory) -> Iterator[
     try:
         wait_until(lambda: prefect_server.request("GET", f"/work_pools/{POOL}")["status"] == "READY", 120,
                    "the worker to poll the pool", explain=lambda: tail(log))
-        yield Deployed(id=raw["id"], raw=raw, results=results)
+        automations = prefect_server.request("POST", "/automations/filter", {})
+        yield Deployed(id=raw["id"], raw=raw, results=results, automations=automations)
     finally:
         stop(worker)
 
@@ -370,9 +372,10 @@ def test_prefect_yaml_deploys_pool_limit_trigger_and_pull_step(deployed, prefect
     assert raw["global_concurrency_limit"]["limit"] == 1
     assert raw["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert raw["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    automations = prefect_server.request("POST", "/automations/filter", {})
+    automations = deployed.automations
     assert len(automations) == 1
     trigger, action = automations[0]["trigger"], automations[0]["actions"][0]
+    assert (trigger["within"], action["schedule_after"]) == (spec["triggers"][0]["within"], spec["triggers"][0]["schedule_after"])
     assert trigger["expect"] == [EVENT_NAME] and trigger["posture"] == "Reactive" and trigger["threshold"] == 1
     assert trigger["for_each"] == ["audio.root"]
     # The debounce is only safe while the run starts after the window that absorbed events.
@@ -420,9 +423,22 @@ def test_deployment_run_by_hand(corpus, deployed, prefect_server):
     assert {"run-summary", "progress", "folder-p225", "folder-p226"} <= {a["key"] for a in artifacts}
 
 
+TEST_WINDOW_S = 10  # prefect.yaml's 30 s debounce, shortened: the event tests wait it out twice
+
+
 @pytest.fixture(scope="module")
-def watched(corpus, prefect_server) -> Iterator[Path]:
-    """`audio-pipeline watch` on the processed corpus, sending to the deployment's server."""
+def watched(corpus, deployed, prefect_server) -> Iterator[Path]:
+    """`audio-pipeline watch` on the processed corpus, sending to the deployment's server.
+
+    The trigger keeps its shape (checked above against prefect.yaml) with a shorter window, so
+    each event test waits 10 s instead of 30 s twice; the burst still lands inside one window.
+    """
+    automation = deployed.automations[0]
+    update = {k: automation[k] for k in ("name", "description", "enabled", "tags", "trigger", "actions",
+                                         "actions_on_trigger", "actions_on_resolve")}
+    update["trigger"] = {**automation["trigger"], "within": TEST_WINDOW_S}
+    update["actions"] = [{**automation["actions"][0], "schedule_after": TEST_WINDOW_S}]
+    prefect_server.request("PUT", f"/automations/{automation['id']}", update)
     with watcher_process(corpus.audio, prefect_server.env(), prefect_server.home / "watch.log"):
         yield corpus.audio
 
@@ -463,7 +479,7 @@ def test_a_burst_of_50_files_starts_one_run(watched, deployed, prefect_server, w
     names = [f"p299_{i:03d}_mic2.flac" for i in range(50)]
     copy_clips(watched / "p299", names)
     runs = new_runs(prefect_server, deployed.id, before_runs)
-    # All 50 events fall inside one 30 s trigger window: one run, which finds all 50 files.
+    # All 50 events fall inside one trigger window: one run, which finds all 50 files.
     assert len(runs) == 1, [(r["name"], r["state_type"], r["created"]) for r in runs]
     assert runs[0]["state_type"] == "COMPLETED", runs[0]["state"]
     assert prefect_server.file_events(watched.resolve())[0] == 2 + 50  # this test's and the one before's
