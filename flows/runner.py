@@ -7,11 +7,11 @@
 - otherwise: a plain `LocalCluster`.
 LocalCUDACluster raises NVMLError on a machine without a GPU, so we detect first.
 
-Workers import the task modules (torch, Prefect) when they start (`preload`), not when the first
-task arrives: unpickling a task runs on the worker's event loop, and on a loaded 2-core machine
-that import blocked it for over a minute, the scheduler dropped the silent worker, the worker
-shut itself down, and the flow waited forever for workers that no longer existed. Workers of an
-existing cluster should do the same: `dask worker ADDRESS --preload tasks.tokenise ...`.
+Workers import the task modules (torch, Prefect) when they start (`preload` of `tasks.worker`),
+not when the first task arrives: unpickling a task runs on the worker's event loop, and on a
+loaded 2-core machine that import blocked it for over a minute, the scheduler dropped the silent
+worker, the worker shut itself down, and the flow waited forever for workers that no longer
+existed. Workers of an existing cluster should do the same: `dask worker ADDRESS --preload tasks.worker`.
 
 `memory://` roots live in one process's memory: worker processes would each see an empty
 filesystem of their own (their writes lost to the merge, the audio invisible to them). With a
@@ -30,7 +30,7 @@ from prefect_dask import DaskTaskRunner
 from tasks.settings import PipelineSettings
 
 GPU_RESOURCE = "GPU"
-WORKER_PRELOAD = ("tasks.transcribe", "tasks.tokenise", "tasks.merge")  # see the module docstring
+WORKER_PRELOAD = ("tasks.worker",)  # see the module docstring
 # The scheduler serves /health and /metrics over HTTP even without a dashboard, on port 8787 unless
 # told otherwise: a second run (or any Dask/Jupyter on this machine) then hit "Port 8787 is already
 # in use", a UserWarning that fails the cluster's start wherever warnings are errors.
@@ -44,8 +44,17 @@ def needs_shared_process(settings: PipelineSettings) -> bool:
     return any(split_protocol(root)[0] in PROCESS_LOCAL_PROTOCOLS for root in roots)
 
 
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux whenever the kernel driver is loaded
+
+
 def visible_gpu_count() -> int:
-    """GPUs this process may use (respects CUDA_VISIBLE_DEVICES); 0 without CUDA."""
+    """GPUs this process may use (respects CUDA_VISIBLE_DEVICES); 0 without CUDA.
+
+    Without an NVIDIA driver there is nothing to count, and the flow process is spared
+    importing torch (seconds, on the path of every run's start).
+    """
+    if not os.path.exists(NVIDIA_DRIVER):
+        return 0
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 
 @runtime_checkable
@@ -38,6 +37,8 @@ def resolve_device(device: str) -> str:
     Raises:
         ValueError: the name is not a torch device, or CUDA was asked for but is not available.
     """
+    import torch  # here, not at the top: the flow process imports this package but never tokenises
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -132,7 +132,7 @@ def dask_cluster(cwd: Path, workers: int) -> Iterator[str]:
     try:
         for _ in range(workers):  # started the way README tells users to start theirs
             procs.append(subprocess.Popen([bindir / "dask", "worker", address, "--nthreads", "2",
-                                           "--no-dashboard", "--host", "127.0.0.1", "--preload", "tasks.tokenise"],
+                                           "--no-dashboard", "--host", "127.0.0.1", "--preload", "tasks.worker"],
                                           cwd=Path(__file__).parents[2]))
         from distributed import Client
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from flows.runner import cluster_plan, make_task_runner, visible_gpu_count, worker_count
+from flows.runner import NVIDIA_DRIVER, cluster_plan, make_task_runner, visible_gpu_count, worker_count
 from tasks.settings import PipelineSettings
 
 
@@ -44,6 +48,15 @@ def test_detection_on_this_machine_matches_torch():
     assert visible_gpu_count() == expected
     kind = cluster_plan(settings()).get("kind")
     assert kind == ("local-cuda" if expected else "local")
+
+
+@pytest.mark.skipif(os.path.exists(NVIDIA_DRIVER), reason="with an NVIDIA driver the flow asks torch to count GPUs")
+def test_flow_process_does_not_import_torch_without_a_gpu_driver():
+    """torch is the workers' business: importing it cost every run's start ~6-10 s in the flow process."""
+    code = "import sys, flows.pipeline, flows.runner as r; r.cluster_plan(r.PipelineSettings(audio_root='/a')); " \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 @pytest.mark.usefixtures("prefect_harness")
