@@ -104,6 +104,18 @@ def watch(audio_root: str, stable_seconds: float) -> None:
         raise click.ClickException(str(e)) from e
 
 
+@main.command("crash-unresponsive-runs")
+@click.option("--heartbeat-seconds", type=int, default=None,
+              help="The flow runs' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (default: this environment's, 180).")
+@click.option("--missed", type=int, default=3, show_default=True, help="Heartbeats missed before a run is Crashed.")
+def crash_unresponsive_runs(heartbeat_seconds: int | None, missed: int) -> None:
+    """Create (or update) the automation that marks runs whose process died as Crashed."""
+    from deployments.unresponsive import AUTOMATION_NAME, ensure_unresponsive_runs_automation
+
+    automation_id = ensure_unresponsive_runs_automation(heartbeat_seconds, missed)
+    click.echo(f"automation {AUTOMATION_NAME!r} ({automation_id}) is in place")
+
+
 def _run_and_report(preview: int = 0, **parameters) -> int:
     """Run the flow with the given parameters (None: settings default), print the summary."""
     from flows.pipeline import parallel_transcribe_tokenise

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -486,3 +487,63 @@ def test_a_burst_of_50_files_starts_one_run(watched, deployed, prefect_server, w
     assert transcribe_requests(whisper_service_url) - before == 50
     assert jsonl_ids(deployed.results / "p299.jsonl") == [f"p299/{n}" for n in names]
     assert untouched.stat().st_mtime_ns == mtime  # folders without new files are not rewritten
+
+
+# -- runs whose process died ------------------------------------------------------------------
+
+SLEEPER = """
+import sys, time
+from prefect import flow
+
+@flow(name=sys.argv[1])
+def sleeper(seconds: float) -> None:
+    time.sleep(seconds)
+
+sleeper(float(sys.argv[2]))
+"""
+
+
+def flow_run_of(prefect_server: PrefectServer, flow_name: str) -> dict | None:
+    runs = prefect_server.request("POST", "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}})
+    return runs[0] if runs else None
+
+
+def heartbeats_of(prefect_server: PrefectServer, run_id: str) -> int:
+    body = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                       "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 1}
+    return prefect_server.request("POST", "/events/filter", body)["total"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_is_crashed_not_left_running(prefect_server, tmp_path):
+    """Regression: a SIGKILLed flow process left its run Running for ever, holding the
+    deployment's only concurrency slot. `audio-pipeline crash-unresponsive-runs` installs the
+    automation that crashes it once its heartbeats stop; a run that ends normally is untouched.
+    (Heartbeats every 30 s and one missed: a short test. The default is 180 s and three.)"""
+    env = prefect_server.env(PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+    install = [str(BIN / "audio-pipeline"), "crash-unresponsive-runs", "--heartbeat-seconds", "30", "--missed", "1"]
+    for _ in range(2):  # idempotent: a second install updates the first
+        done = subprocess.run(install, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0 and "is in place" in done.stdout, done.stdout + done.stderr
+    automations = [a for a in prefect_server.request("POST", "/automations/filter", {})
+                   if a["name"].startswith("audio-pipeline: crash")]
+    assert len(automations) == 1 and automations[0]["trigger"]["within"] == 30
+    killed_name, quick_name = f"sleeper-{uuid.uuid4().hex[:8]}", f"quick-{uuid.uuid4().hex[:8]}"
+    killed = spawn([sys.executable, "-c", SLEEPER, killed_name, "600"], env, tmp_path, tmp_path / "killed.log")
+    quick = spawn([sys.executable, "-c", SLEEPER, quick_name, "1"], env, tmp_path, tmp_path / "quick.log")
+    try:
+        run = wait_until(lambda: (r := flow_run_of(prefect_server, killed_name)) and r["state_type"] == "RUNNING"
+                         and heartbeats_of(prefect_server, r["id"]) and r, 180, "the sleeper's first heartbeat",
+                         explain=lambda: tail(tmp_path / "killed.log"))
+        stop(killed, signal.SIGKILL)
+        assert quick.wait(timeout=180) == 0, tail(tmp_path / "quick.log")
+        crashed = wait_until(lambda: (r := flow_run_of(prefect_server, killed_name))["state_type"] != "RUNNING"
+                             and r, 150, "the killed run to leave Running")
+        assert crashed["id"] == run["id"] and crashed["state_type"] == "CRASHED", crashed["state"]
+        assert "heartbeat" in crashed["state"]["message"], crashed["state"]
+        assert flow_run_of(prefect_server, quick_name)["state_type"] == "COMPLETED"  # ended runs are left alone
+    finally:
+        stop(killed, signal.SIGKILL)
+        stop(quick)
+        for automation in automations:  # the other tests' runs send heartbeats only every 180 s
+            prefect_server.request("DELETE", f"/automations/{automation['id']}")
