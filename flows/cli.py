@@ -138,6 +138,9 @@ def _run_and_report(preview: int = 0, **parameters) -> int:
         f" {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
     )
     click.echo(f"results: {summary.results_root}/{{folder}}.jsonl")
+    if summary.stale_folders:
+        click.echo(f"note: {len(summary.stale_folders)} folder(s) in the results have no audio any more, kept: "
+                   + ", ".join(f"{f}.jsonl" for f in summary.stale_folders[:5]), err=True)
     if preview:
         _print_preview(summary.results_root, preview)
     if summary.failed:

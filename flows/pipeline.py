@@ -92,7 +92,15 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
     for report in reports:
         if report.changed:  # a triggered run for 2 new files publishes 1 folder, not all 110
             publish_folder_artifact(report, settings.results_root)
-    summary = summarise(reports, settings, time.monotonic() - started)
+    # Kept, not deleted: an unreadable mount or a narrower --extensions also makes folders vanish.
+    stale = sorted(Store(settings.results_root).folders_with_results() - set(ids_by_folder))
+    if stale:
+        logger.warning(
+            "%d folder(s) have results but no audio under %s any more (kept; delete them if those "
+            "speakers were removed on purpose): %s", len(stale), settings.audio_root,
+            ", ".join(f"{f}.jsonl" for f in stale[:10]),
+        )
+    summary = summarise(reports, settings, time.monotonic() - started, stale)
     create_table_artifact(
         key="run-summary", table=[summary_row(summary)],
         description=f"audio-pipeline run over {settings.audio_root}",
@@ -224,14 +232,16 @@ def _report_or_none(future: PrefectFuture) -> StageReport | None:
     return None
 
 
-def summarise(reports: list[FolderReport], settings: PipelineSettings, wall_seconds: float) -> RunSummary:
+def summarise(
+    reports: list[FolderReport], settings: PipelineSettings, wall_seconds: float, stale_folders: list[str] = ()
+) -> RunSummary:
     files = sum(r.files for r in reports)
     errors = [e for r in reports for e in r.errors]
     return RunSummary(
         folders=len(reports), files=files, lines=sum(r.lines for r in reports),
         failed=len({e.id for e in errors}), audio_hours=sum(r.audio_seconds for r in reports) / 3600,
         wall_seconds=wall_seconds, files_per_second=files / wall_seconds if wall_seconds > 0 else 0.0,
-        results_root=settings.results_root, errors=errors,
+        results_root=settings.results_root, errors=errors, stale_folders=list(stale_folders),
     )
 
 

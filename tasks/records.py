@@ -142,6 +142,9 @@ class RunSummary(Record):
     files_per_second: float
     results_root: str
     errors: list[FileError] = Field(default_factory=list)
+    stale_folders: list[str] = Field(
+        default_factory=list, description="Folders with a JSONL in the results but no audio under the root any more."
+    )
 
 
 def folder_of(file_id: str) -> str:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from tasks.records import Failure, Tokens, Transcription
 
 Kind = Literal["transcriptions", "tokens"]
+INTERMEDIATE_KINDS = ("transcriptions", "tokens")  # top-level folders of intermediates
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gcs", "gs", "az", "abfs", "abfss", "memory"}
 
@@ -156,6 +157,25 @@ class Store:
         except (ValueError, ValidationError, AttributeError):
             return None  # torn by an older crash or foreign: treat as missing, it gets redone
         return record if record.id == file_id else None
+
+    def folders_with_results(self) -> set[str]:
+        """Folders that have a `{folder}.jsonl` here (nested folders keep their slashes).
+
+        Walks the results tree without descending into the intermediates (two files per audio
+        file: listing them would cost a million-file run minutes on an object store).
+        """
+        if not self.fs.exists(self.root):
+            return set()
+        base = self.root.rstrip("/")
+        folders = set()
+        for directory, dirs, files in self.fs.walk(self.root, topdown=True, detail=False):
+            relative_dir = directory.rstrip("/")[len(base) + 1 :]
+            if not relative_dir:
+                dirs[:] = [d for d in dirs if d not in INTERMEDIATE_KINDS and not d.startswith(".")]
+            for name in files:
+                if name.endswith(".jsonl") and not name.endswith(".errors.jsonl"):
+                    folders.add(f"{relative_dir}/{name}".lstrip("/")[: -len(".jsonl")])
+        return folders
 
     # -- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -88,10 +88,12 @@ def test_changed_tokeniser_redoes_tokens_only(demo_run, whisper_service_url, tmp
     _, results, _ = demo_run
     copy = tmp_path / "results"
     shutil.copytree(results, copy)
+    (copy / "p999.jsonl").write_text('{"id": "p999/gone.flac"}\n')  # a speaker removed from the audio
     before = transcribe_requests(whisper_service_url)
     summary = run_flow(DEMO_AUDIO, copy, whisper_service_url, tokenizer="simulated")
     assert transcribe_requests(whisper_service_url) == before
     assert summary.failed == 0
+    assert summary.stale_folders == ["p999"] and (copy / "p999.jsonl").exists()  # reported, kept
     tokens = json.loads((copy / "tokens" / "p225" / "p225_001_mic2.json").read_text())
     assert tokens["tokenizer"] == "simulated"
 

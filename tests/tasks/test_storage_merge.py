@@ -72,6 +72,14 @@ def test_temps_left_by_a_killed_writer_are_swept_once_stale(tmp_path):
     assert Store(f"memory://sweep-{os.getpid()}").sweep_stale_temps() == []
 
 
+def test_folders_with_results_are_the_jsonl_files_only(store):
+    assert store.folders_with_results() == set()
+    for relative in ("p225.jsonl", "p225.errors.jsonl", "b/deep/er.jsonl", "gone.errors.jsonl",
+                     "transcriptions/p225/p225_001.json", "tokens/p225/x.json", ".locks/abc.lock", "notes.txt"):
+        store.write_bytes(relative, b"{}\n")
+    assert store.folders_with_results() == {"p225", "b/deep/er"}
+
+
 def test_merge_sorted_complete_lines_and_errors(store):
     ids = ["p1/b.flac", "p1/a.flac", "p1/c.flac", "p1/d.flac"]
     for i in ["p1/a.flac", "p1/b.flac"]:
