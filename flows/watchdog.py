@@ -10,15 +10,12 @@ intermediates are kept, so a rerun does exactly what is missing).
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
 
 from prefect.futures import PrefectFuture
-
-logger = logging.getLogger(__name__)
 
 
 class NoWorkersWatchdog:

@@ -12,6 +12,7 @@ other runs, which send heartbeats only every 180 s).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import yaml
 
 from deployments.watcher import EVENT_NAME, watch
 from flows.demo import free_port
+from tests import waiting
 from tests.conftest import DEMO_AUDIO
 from tests.metrics import transcribe_requests
 
@@ -47,17 +49,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 CLIPS = sorted(DEMO_AUDIO.rglob("*.flac"))
 
 
-def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 1.0,
-               explain: Callable[[], str] = lambda: "") -> object:
-    """Poll `check` until it returns something truthy; fail with `what` (and `explain()`) after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{explain()}")
-        time.sleep(every)
+# The server is polled once a second unless a caller says otherwise.
+wait_until = functools.partial(waiting.wait_until, every=1.0)
 
 
 def tail(path: Path, lines: int = 40) -> str:

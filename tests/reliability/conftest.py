@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +26,11 @@ import pytest
 
 from flows.demo import free_port
 from flows.runner import WORKER_PRELOAD
+from tests.waiting import wait_until  # noqa: F401  (re-exported: the reliability tests import it from here)
 
 REPO = Path(__file__).parents[2]
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @dataclass
