@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Stage = Literal["discover", "decode", "transcribe", "tokenise", "merge"]
+Stage = Literal["discover", "decode", "transcribe", "tokenise", "merge", "quality"]
+QualityFlag = Literal["repetition", "low_confidence", "no_speech", "too_fast", "fallback_exhausted"]
 
 
 class Record(BaseModel):
@@ -64,6 +65,38 @@ class Shard(Record):
         return sorted({b.folder for b in self.batches})
 
 
+class TranscriptQuality(Record):
+    """What the Whisper service says about one clip's text (see docs/QUALITY.md for units and ranges)."""
+
+    language_probability: float | None = None  # multilingual models only
+    avg_logprob: float | None = None  # of the kept decode; None for silence that never reached the model
+    no_speech_prob: float | None = None
+    compression_ratio: float | None = None  # gzip ratio of the text; > 2.4 smells of a repetition loop
+    temperature: float | None = None  # the fallback temperature whose decode was kept
+    words_per_second: float | None = None
+    flags: list[QualityFlag] = Field(default_factory=list)
+
+
+class AudioQuality(Record):
+    """Measured on the audio where it is decoded for tokenising (no second decode)."""
+
+    sample_rate: int  # of the file, before resampling
+    channels: int
+    rms_dbfs: float  # -inf for digital silence is stored as -120.0
+    clipped_fraction: float  # samples at |x| >= 0.999 full scale, 0..1
+    silence_fraction: float  # 20 ms frames below -60 dBFS, 0..1
+    snr_db: float | None  # WADA-SNR estimate; None where undefined (silence)
+
+
+class Provenance(Record):
+    """What this run expects of an intermediate for it to count: anything else is redone, and at
+    merge time it is a missing stage (reported), never joined into a line."""
+
+    decode_fingerprint: str | None  # from the service's /healthz; None: the service named none, so nothing is reusable
+    language: str | None  # the language this run requests (None: detect)
+    tokenizer_settings: dict[str, Any]  # JSON round-tripped, as stored in Tokens.tokenizer_settings
+
+
 class Transcription(Record):
     """Intermediate at `transcriptions/{folder}/{stem}.json`: the text plus what produced it."""
 
@@ -74,6 +107,10 @@ class Transcription(Record):
     model: str
     service_url: str
     source: SourceInfo
+    engine: str = ""  # "openai-whisper" | "faster-whisper"; "" in intermediates older than #12
+    decode_fingerprint: str = ""  # the service's fingerprint of engine, weights hash and decode options
+    requested_language: str | None = None  # what the run asked for (the `language` above is what came back)
+    quality: TranscriptQuality | None = None
 
 
 class Tokens(Record):
@@ -84,6 +121,7 @@ class Tokens(Record):
     tokenizer: str
     tokenizer_settings: dict[str, Any]
     source: SourceInfo
+    audio: AudioQuality | None = None
 
 
 class Failure(Record):
@@ -105,6 +143,12 @@ class OutputLine(Record):
     id: str
     transcription: str
     token_array: list[int]
+
+
+class QualityOutputLine(OutputLine):
+    """A line written with `--with-quality`: the contract's three fields plus a `quality` object."""
+
+    quality: dict[str, Any]
 
 
 class StageReport(Record):
@@ -130,6 +174,9 @@ class FolderReport(Record):
     changed: bool = True  # False: the stored JSONL already held exactly these lines
     jsonl: str
     errors_jsonl: str | None = None
+    new: int = 0  # files whose intermediates this run produced (the rest were reused)
+    flagged: int = 0  # lines whose transcription carries quality flags
+    worst: list[dict[str, Any]] = Field(default_factory=list)  # a few flagged clips: id, flags, text
 
 
 class RunSummary(Record):
@@ -145,6 +192,8 @@ class RunSummary(Record):
     stale_folders: list[str] = Field(
         default_factory=list, description="Folders with a JSONL in the results but no audio under the root any more."
     )
+    new: int = 0  # files this run transcribed or tokenised (not reused)
+    flagged: int = 0
 
 
 def folder_of(file_id: str) -> str:
