@@ -151,6 +151,13 @@ class QualityOutputLine(OutputLine):
     quality: dict[str, Any]
 
 
+class OutputOptions(Record):
+    """How merge writes lines: the contract's three fields by default."""
+
+    with_quality: bool = False  # add a `quality` object to each line
+    drop_flagged: bool = False  # move flagged clips to `{folder}.errors.jsonl` with stage "quality"
+
+
 class StageReport(Record):
     """What one shard task did for one stage; small, so Prefect can persist it cheaply."""
 
