@@ -45,6 +45,17 @@ class PipelineSettings(BaseSettings):
     http_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
     service_wait_s: float = Field(60.0, ge=0, description="How long to wait for a loading service.")
     show_progress: bool = Field(False, description="Draw a terminal progress bar (the CLI sets it).")
+    with_quality: bool = Field(False, description="Add a `quality` object to each JSONL line.")
+    drop_flagged: bool = Field(
+        False, description="Move clips with quality flags from the JSONL to `{folder}.errors.jsonl` (stage quality)."
+    )
+    max_failed_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Failed files (fraction of all) a run may have and still count as Completed."
+    )
+    # NoDecode: a comma list (or JSON) like extensions. Empty: any root may be read (CLI use).
+    allowed_roots: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Roots (paths or URL prefixes) a run may read audio from and write results to; empty: any."
+    )
 
     @field_validator("extensions", mode="before")
     @classmethod
@@ -57,6 +68,13 @@ class PipelineSettings(BaseSettings):
         if not exts:
             raise ValueError("at least one audio extension is needed")
         return exts
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return tuple(v.strip().rstrip("/") or v.strip() for v in value if v and v.strip())
 
     @field_validator("audio_root", "results_root")
     @classmethod
