@@ -8,6 +8,7 @@ which can only be picked once the parameters are known, hence the subflow.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import defaultdict
@@ -24,10 +25,20 @@ from flows.runner import GPU_RESOURCE, make_task_runner, uses_gpu_resources, wor
 from flows.watchdog import NoWorkersWatchdog, finished
 from tasks.discover import group_folders, list_audio, make_batches, make_shards
 from tasks.merge import merge_folders, publish_folder_artifact
-from tasks.records import FileError, FolderReport, RunSummary, Shard, StageReport, folder_of
+from tasks.records import (
+    AudioFile,
+    FileError,
+    FolderReport,
+    OutputOptions,
+    Provenance,
+    RunSummary,
+    Shard,
+    StageReport,
+    folder_of,
+)
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
-from tasks.tokenise import tokenise_shard
+from tasks.tokenise import tokenise_shard, tokeniser_for
 from tasks.transcribe import check_service, transcribe_shard
 
 
@@ -77,9 +88,9 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
         logger.info("removed %s, a temp file an earlier run was killed while writing", leftover)
     files, discover_errors = list_audio(settings.audio_root, settings.extensions)
     logger.info("found %d audio files under %s (%d refused)", len(files), settings.audio_root, len(discover_errors))
-    ids_by_folder: dict[str, list[str]] = defaultdict(list)
+    ids_by_folder: dict[str, list[AudioFile]] = defaultdict(list)
     for f in files:
-        ids_by_folder[f.folder].append(f.id)
+        ids_by_folder[f.folder].append(f)
     for e in discover_errors:
         ids_by_folder.setdefault(folder_of(e.id), [])
     shards = make_shards(make_batches(files, settings.batch_size), worker_count(settings), settings.shard_max_files)
@@ -88,7 +99,11 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
     # Artifacts live on this run (the one users open from the deployment), not on the subflow.
     progress = create_progress_artifact(progress=0.0, key="progress", description="Shard-stages done")
     inner = process_shards.with_options(task_runner=make_task_runner(settings))
-    reports = inner(shards, groups, dict(ids_by_folder), discover_errors, settings, health.get("model"), progress)
+    expect = Provenance(
+        decode_fingerprint=health.get("fingerprint"), language=settings.language,
+        tokenizer_settings=json.loads(json.dumps(tokeniser_for(settings).settings)),
+    )
+    reports = inner(shards, groups, dict(ids_by_folder), discover_errors, settings, expect, progress)
     for report in reports:
         if report.changed:  # a triggered run for 2 new files publishes 1 folder, not all 110
             publish_folder_artifact(report, settings.results_root)
@@ -117,22 +132,27 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
 def process_shards(
     shards: list[Shard],
     groups: list[list[str]],
-    ids_by_folder: dict[str, list[str]],
+    ids_by_folder: dict[str, list[AudioFile]],
     discover_errors: list[FileError],
     settings: PipelineSettings,
-    model: str | None,
+    expect: Provenance,
     progress: UUID,
 ) -> list[FolderReport]:
     """Map both stages over the shards; merge each folder group as soon as its shards are done."""
     logger = get_run_logger()
     stage_futures: list[tuple[PrefectFuture, Shard]] = []
+    stage_of: dict[int, str] = {}
     for shard in shards:
-        stage_futures.append((transcribe_shard.submit(shard, settings, model), shard))
+        stage_futures.append((transcribe_shard.submit(shard, settings, expect), shard))
+        stage_of[id(stage_futures[-1][0])] = "transcribe"
         if uses_gpu_resources(settings):
             with dask.annotate(resources={GPU_RESOURCE: 1}):
-                stage_futures.append((tokenise_shard.submit(shard, settings), shard))
+                stage_futures.append((tokenise_shard.submit(shard, settings, expect), shard))
         else:
-            stage_futures.append((tokenise_shard.submit(shard, settings), shard))
+            stage_futures.append((tokenise_shard.submit(shard, settings, expect), shard))
+        stage_of[id(stage_futures[-1][0])] = "tokenise"
+    stage_errors: dict[str, dict[str, str]] = defaultdict(dict)
+    output = OutputOptions(with_quality=settings.with_quality, drop_flagged=settings.drop_flagged)
 
     group_of = {folder: i for i, group in enumerate(groups) for folder in group}
     pending = [0] * len(groups)
@@ -142,14 +162,17 @@ def process_shards(
     merges: dict[int, PrefectFuture] = {}
     reports: dict[int, list[FolderReport]] = {}
 
-    def folders_of(i: int) -> dict[str, list[str]]:
+    def folders_of(i: int) -> dict[str, list[AudioFile]]:
         return {folder: ids_by_folder[folder] for folder in groups[i]}
 
     def label_of(i: int) -> str:
         return groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}-to-{groups[i][-1]}"
 
     def submit_merge(i: int) -> None:
-        merges[i] = merge_folders.submit(folders_of(i), settings.results_root, discover_errors, label_of(i))
+        merges[i] = merge_folders.submit(
+            folders_of(i), settings.results_root, discover_errors, label_of(i), expect,
+            {f: dict(stage_errors[f]) for f in groups[i] if f in stage_errors}, output,
+        )
 
     def shard_stage_over(shard: Shard) -> None:
         for i in {group_of[folder] for folder in shard.folders}:
@@ -171,6 +194,8 @@ def process_shards(
             shard = shard_of[id(future)]
             if _report_or_none(future) is None:
                 logger.error("a stage task of shard %d failed; its files will be reported as failed", shard.index)
+                for folder in shard.folders:
+                    stage_errors[folder][stage_of[id(future)]] = _failure_text(future)
             update_progress_artifact(progress, progress=100.0 * done / len(stage_futures))
             advance(shard.n_files)
             shard_stage_over(shard)
@@ -189,7 +214,10 @@ def process_shards(
             shard_stage_over(shard_of[id(future)])
         for i in range(len(groups)):  # in this process: there is no worker to run them
             if i not in reports:
-                reports[i] = merge_folders(folders_of(i), settings.results_root, discover_errors, label_of(i))
+                reports[i] = merge_folders(
+                    folders_of(i), settings.results_root, discover_errors, label_of(i), expect,
+                    {f: dict(stage_errors[f]) for f in groups[i] if f in stage_errors}, output,
+                )
     if not stage_futures:
         update_progress_artifact(progress, progress=100.0)
     return [report for i in sorted(reports) for report in reports[i]]
@@ -230,6 +258,15 @@ def _report_or_none(future: PrefectFuture) -> StageReport | None:
     if future.state.is_completed():
         return future.result()
     return None
+
+
+def _failure_text(future: PrefectFuture) -> str:
+    """The exception a failed task raised, as one line (what merge reports for its files)."""
+    try:
+        future.result(raise_on_failure=True)
+    except BaseException as e:  # noqa: BLE001 (any task failure is reported, never raised here)
+        return f"{type(e).__name__}: {e}".splitlines()[0][:500]
+    return future.state.message or "the task did not complete"
 
 
 def summarise(

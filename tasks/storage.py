@@ -1,5 +1,15 @@
 """Results storage on fsspec: intermediates keyed by input path, atomic writes, folder locks.
 
+Layout of a results root (every name a folder's outputs can take is listed, so none collide):
+- `{folder}.jsonl`: the folder's lines (the product's contract);
+- `{folder}.errors.jsonl`: one line per failed file. A folder whose last name ends in `.errors`
+  would write its JSONL onto folder `x`'s errors file, so such folders are refused
+  (`output_name_problem`): with that rule no JSONL, errors file or index can share a name;
+- `transcriptions/{stem}.json`, `tokens/{stem}.json`: one intermediate per file and stage;
+- `.index/{folder}.json`: the folder's index of intermediates (`tasks.folder_index`); `.json`,
+  where every folder output ends in `.jsonl`, and hidden, so no speaker folder's output lands there;
+- `.locks/`: folder lock files (local results roots only).
+
 Atomicity: on a local disk every write goes to a temp file in the same directory, is fsynced
 and renamed over the target (POSIX rename is atomic), so a reader sees the old complete file or
 the new complete one, never a torn one. On object stores (s3, gcs, azure, memory) a single PUT
@@ -27,6 +37,8 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.records import Failure, Tokens, Transcription
 
+ERRORS_SUFFIX = ".errors"
+
 Kind = Literal["transcriptions", "tokens"]
 INTERMEDIATE_KINDS = ("transcriptions", "tokens")  # top-level folders of intermediates
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
@@ -52,6 +64,9 @@ class Store:
         self.root = self.root.rstrip("/") or "/"
         self.url = results_root
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        # One name per location: `results`, `./results`, `/abs/results` and a symlink to it are
+        # one root, so they share folder locks; a URL keeps its protocol (s3://b/x, not b/x).
+        self.canonical = os.path.realpath(self.root) if self.is_local else self.fs.unstrip_protocol(self.root)
 
     def path(self, relative: str) -> str:
         return f"{self.root}/{relative}"
@@ -140,6 +155,34 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def read_many(self, relatives: list[str]) -> list[bytes | None]:
+        """Many files in one call (concurrent GETs on object stores); None where one is absent.
+
+        `cat_ranges`, not `cat`: `cat` expands glob characters, and `[` is legal in a file name.
+
+        Raises:
+            OSError: any failure other than a missing file (a reader must not mistake an
+                unreachable store for missing results).
+        """
+        if not relatives:
+            return []
+        out = self.fs.cat_ranges([self.path(r) for r in relatives], None, None, on_error="return")
+        results: list[bytes | None] = []
+        for relative, item in zip(relatives, out, strict=True):
+            if isinstance(item, FileNotFoundError):
+                results.append(None)
+            elif isinstance(item, BaseException):
+                raise OSError(f"cannot read {self.display(relative)}: {item}") from item
+            else:
+                results.append(item)
+        return results
+
+    def read_intermediates(self, kind: Kind, file_ids: list[str]) -> dict[str, Transcription | Tokens | Failure | None]:
+        """The stored records of `file_ids` for one stage, read in one bulk call."""
+        model = Transcription if kind == "transcriptions" else Tokens
+        blobs = self.read_many([self.intermediate(kind, i) for i in file_ids])
+        return {i: parse_intermediate(data, i, model) for i, data in zip(file_ids, blobs, strict=True)}
+
     def read_transcription(self, file_id: str) -> Transcription | Failure | None:
         return self._read_intermediate("transcriptions", file_id, Transcription)
 
@@ -147,16 +190,7 @@ class Store:
         return self._read_intermediate("tokens", file_id, Tokens)
 
     def _read_intermediate(self, kind: Kind, file_id: str, model: type[BaseModel]):
-        """The stored record for `file_id`, or None if absent, unreadable or someone else's id."""
-        data = self.read_bytes(self.intermediate(kind, file_id))
-        if data is None:
-            return None
-        try:
-            raw = json.loads(data)
-            record = Failure.model_validate(raw) if raw.get("failed") else model.model_validate(raw)
-        except (ValueError, ValidationError, AttributeError):
-            return None  # torn by an older crash or foreign: treat as missing, it gets redone
-        return record if record.id == file_id else None
+        return parse_intermediate(self.read_bytes(self.intermediate(kind, file_id)), file_id, model)
 
     def folders_with_results(self) -> set[str]:
         """Folders that have a `{folder}.jsonl` here (nested folders keep their slashes).
@@ -178,21 +212,52 @@ class Store:
         return folders
 
     # -- locking -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def folder_lock(self, folder: str, timeout_s: float = 600.0) -> Iterator[None]:
-        """Serialise merges of one folder across processes on this machine.
+    def lock_path(self, folder: str) -> str:
+        """The lock file of `folder`, keyed on the canonical root (`self.canonical`).
 
-        The lock file lives beside the results on a local disk; for a remote results root it
-        lives in the local temp dir, keyed by the URL, so it guards runs on the same host only.
+        It lives beside the results on a local disk; for a remote results root it lives in the
+        local temp dir, so it guards runs on the same host only.
         """
-        key = hashlib.sha1(f"{self.url}|{folder}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(f"{self.canonical}|{folder}".encode()).hexdigest()[:16]
         if self.is_local:
-            lock_dir = self.path(".locks")
+            lock_dir = os.path.join(self.canonical, ".locks")
         else:
             lock_dir = os.path.join(tempfile.gettempdir(), "audio-pipeline-locks")
-        os.makedirs(lock_dir, exist_ok=True)
-        with FileLock(os.path.join(lock_dir, f"{key}.lock"), timeout=timeout_s):
+        return os.path.join(lock_dir, f"{key}.lock")
+
+    @contextlib.contextmanager
+    def folder_lock(self, folder: str, timeout_s: float = 600.0) -> Iterator[None]:
+        """Serialise merges of one folder across processes on this machine (see `lock_path`)."""
+        path = self.lock_path(folder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with FileLock(path, timeout=timeout_s):
             yield
+
+
+def parse_intermediate(data: bytes | None, file_id: str, model: type[BaseModel]):
+    """The record in `data` for `file_id`, or None if absent, unreadable or someone else's id."""
+    if data is None:
+        return None
+    try:
+        raw = json.loads(data)
+        record = Failure.model_validate(raw) if raw.get("failed") else model.model_validate(raw)
+    except (ValueError, ValidationError, AttributeError):
+        return None  # torn by an older crash or foreign: treat as missing, it gets redone
+    return record if record.id == file_id else None
+
+
+def output_name_problem(folder: str) -> str | None:
+    """Why `folder` cannot have outputs in a results root, or None.
+
+    A folder named `x.errors` would write `x.errors.jsonl`, which is folder `x`'s errors file.
+    Discovery should refuse such folders; merge refuses them too, whoever calls it.
+    """
+    if folder.rsplit("/", 1)[-1].endswith(ERRORS_SUFFIX):
+        return (
+            f"folder name {folder!r} ends in {ERRORS_SUFFIX!r}: its JSONL would overwrite the errors file of "
+            f"folder {folder[: -len(ERRORS_SUFFIX)]!r}; rename the folder"
+        )
+    return None
 
 
 @functools.cache

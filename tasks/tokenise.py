@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
-
 import numpy as np
 
-from tasks.records import AudioFile, Batch, Failure, StageReport, Tokens
+from tasks.audio_quality import decode_for_tokens
+from tasks.folder_index import reusable_ids
+from tasks.provenance import tokens_reusable
+from tasks.records import AudioFile, AudioQuality, Batch, Failure, Provenance, StageReport, Tokens
 from tasks.settings import PipelineSettings
 from tasks.storage import Store, read_source
 from tasks.tokenisers import Tokeniser, get_tokeniser
-from whisper_service.audio import AudioDecodeError, decode_audio
+from whisper_service.audio import AudioDecodeError
 
 
 @functools.lru_cache(maxsize=4)
@@ -26,30 +27,31 @@ def tokeniser_for(settings: PipelineSettings) -> Tokeniser:
     return _cached_tokeniser(settings.tokenizer, settings.tokenizer_device, options)
 
 
-def tokens_reusable(record: Tokens | Failure | None, file: AudioFile, tokeniser_settings: dict[str, Any]) -> bool:
-    return (
-        isinstance(record, Tokens)
-        and record.source == file.source
-        and record.tokenizer_settings == tokeniser_settings
-    )
-
-
 def tokenise_batches(
-    batches: list[Batch], settings: PipelineSettings, store: Store, shard: int = 0
+    batches: list[Batch], settings: PipelineSettings, store: Store, expect: Provenance, shard: int = 0
 ) -> StageReport:
-    """Tokenise every file without a reusable intermediate, one tokeniser call per batch."""
+    """Tokenise every file this run cannot reuse, one tokeniser call per batch.
+
+    Reuse is decided once for the shard from each folder's index (`tasks.folder_index`). Each
+    decode also measures the audio (`decode_for_tokens`), kept in the intermediate.
+
+    Raises:
+        ValueError, ImportError: the tokeniser cannot be built (the whole stage fails; merge
+            reports every file missing its tokens with this reason).
+    """
     tokeniser = tokeniser_for(settings)
-    # JSON round trip so the comparison sees what the intermediate stores (tuples -> lists).
+    # JSON round trip so the record stores what a later comparison will read back (tuples -> lists).
     fingerprint = json.loads(json.dumps(tokeniser.settings))
+    reused = reusable_ids(store, "tokens", (f for b in batches for f in b.files), expect, tokens_reusable)
     files = done = failed = 0
     audio_seconds = 0.0
     for batch in batches:
         files += len(batch.files)
-        todo = [f for f in batch.files if not tokens_reusable(store.read_tokens(f.id), f, fingerprint)]
-        decoded: list[tuple[AudioFile, np.ndarray]] = []
+        todo = [f for f in batch.files if f.id not in reused]
+        decoded: list[tuple[AudioFile, np.ndarray, AudioQuality]] = []
         for f in todo:
             try:
-                decoded.append((f, decode_audio(read_source(f.path), tokeniser.sample_rate)))
+                decoded.append((f, *decode_for_tokens(read_source(f.path), tokeniser.sample_rate)))
             except (AudioDecodeError, OSError) as e:
                 store.write_record("tokens", Failure(id=f.id, stage="decode", error=str(e), source=f.source))
                 failed += 1
@@ -61,14 +63,15 @@ def tokenise_batches(
                 failed += 1
         if not decoded:
             continue
-        for (f, audio), tokens in zip(decoded, _tokenise_isolated(tokeniser, decoded), strict=True):
+        arrays = [(f, audio) for f, audio, _ in decoded]
+        for (f, audio, quality), tokens in zip(decoded, _tokenise_isolated(tokeniser, arrays), strict=True):
             if isinstance(tokens, str):
                 store.write_record("tokens", Failure(id=f.id, stage="tokenise", error=tokens, source=f.source))
                 failed += 1
                 continue
             store.write_record("tokens", Tokens(
                 id=f.id, token_array=[int(t) for t in tokens], tokenizer=tokeniser.name,
-                tokenizer_settings=fingerprint, source=f.source,
+                tokenizer_settings=fingerprint, source=f.source, audio=quality,
             ))
             audio_seconds += len(audio) / tokeniser.sample_rate
             done += 1
@@ -104,6 +107,6 @@ from tasks.records import Shard  # noqa: E402
 
 @task(name="tokenise-shard", task_run_name="tokenise-shard-{shard.index}", retries=1,
       retry_delay_seconds=5, cache_policy=NO_CACHE)
-def tokenise_shard(shard: Shard, settings: PipelineSettings) -> StageReport:
+def tokenise_shard(shard: Shard, settings: PipelineSettings, expect: Provenance) -> StageReport:
     """Tokenise every batch of the shard (on the worker's GPU when it has one)."""
-    return tokenise_batches(shard.batches, settings, Store(settings.results_root), shard.index)
+    return tokenise_batches(shard.batches, settings, Store(settings.results_root), expect, shard.index)

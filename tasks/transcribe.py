@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import get_args
 
 import httpx
 
-from tasks.records import AudioFile, Failure, StageReport, Transcription
+from tasks.folder_index import reusable_ids
+from tasks.provenance import transcription_reusable
+from tasks.records import AudioFile, Failure, Provenance, QualityFlag, StageReport, Transcription, TranscriptQuality
 from tasks.settings import PipelineSettings
 from tasks.storage import Store, read_source
+
 
 
 class ServiceError(RuntimeError):
@@ -127,27 +131,20 @@ def check_service(settings: PipelineSettings) -> dict:
             time.sleep(0.5)
 
 
-def transcription_reusable(
-    record: Transcription | Failure | None, file: AudioFile, model: str | None, settings: PipelineSettings
-) -> bool:
-    """Reuse only a successful result for the same source version, model and language."""
-    return (
-        isinstance(record, Transcription)
-        and record.source == file.source
-        and (model is None or record.model == model)
-        and (settings.language is None or record.language == settings.language)
-    )
-
-
 def transcribe_files(
-    files: list[AudioFile], settings: PipelineSettings, store: Store, model: str | None, shard: int = 0
+    files: list[AudioFile], settings: PipelineSettings, store: Store, expect: Provenance, shard: int = 0
 ) -> StageReport:
-    """Transcribe the files that have no reusable intermediate; write one intermediate per file."""
-    todo = [f for f in files if not transcription_reusable(store.read_transcription(f.id), f, model, settings)]
+    """Transcribe the files this run cannot reuse (`tasks.provenance`); one intermediate per file.
+
+    Reuse is decided from each folder's index (one read per folder), plus one bulk read of the
+    intermediates of the files the index does not vouch for.
+    """
+    done = reusable_ids(store, "transcriptions", files, expect, transcription_reusable)
+    todo = [f for f in files if f.id not in done]
     outcomes: list[Transcription | Failure] = []
     if todo:
         with ServiceClient(settings) as client, ThreadPoolExecutor(settings.http_concurrency) as pool:
-            outcomes = list(pool.map(lambda f: _transcribe_one(client, f, settings, store), todo))
+            outcomes = list(pool.map(lambda f: _transcribe_one(client, f, expect, store), todo))
     failed = sum(isinstance(o, Failure) for o in outcomes)
     return StageReport(
         stage="transcribe", shard=shard, files=len(files), done=len(todo) - failed,
@@ -156,9 +153,7 @@ def transcribe_files(
     )
 
 
-def _transcribe_one(
-    client: ServiceClient, file: AudioFile, settings: PipelineSettings, store: Store
-) -> Transcription | Failure:
+def _transcribe_one(client: ServiceClient, file: AudioFile, expect: Provenance, store: Store) -> Transcription | Failure:
     try:
         data = read_source(file.path)
     except OSError as e:
@@ -168,12 +163,8 @@ def _transcribe_one(
         store.write_record("transcriptions", record)
         return record
     try:
-        body = client.transcribe(data, file.id.rsplit("/", 1)[-1], settings.language)
-        record = Transcription(
-            id=file.id, text=body["text"], language=body.get("language") or "",
-            duration=float(body.get("duration") or 0.0), model=body.get("model") or "",
-            service_url=client.url, source=file.source,
-        )
+        body = client.transcribe(data, file.id.rsplit("/", 1)[-1], expect.language)
+        record = transcription_from_response(body, file, client.url, expect.language)
     except ServiceRejectedError as e:
         stage = "decode" if e.status in (400, 415, 422) else "transcribe"
         record = Failure(id=file.id, stage=stage, error=e.reason, source=file.source)
@@ -181,6 +172,38 @@ def _transcribe_one(
         record = Failure(id=file.id, stage="transcribe", error=str(e), source=file.source)
     store.write_record("transcriptions", record)
     return record
+
+
+def transcription_from_response(
+    body: dict, file: AudioFile, service_url: str, requested_language: str | None
+) -> Transcription:
+    """The intermediate for one `POST /transcribe` answer.
+
+    The decode fingerprint is the one the answer names (not the one `/healthz` named at the start
+    of the run): a service restarted mid-run with other settings then yields records that merge
+    refuses as stale instead of mixing two models' text. A service older than the quality fields
+    gives `quality=None`; flags this client does not know are left out.
+
+    Raises:
+        KeyError, ValueError, TypeError: the answer is not a transcription.
+    """
+    quality = None
+    if any(key in body for key in _QUALITY_KEYS):
+        quality = TranscriptQuality(
+            **{key: body.get(key) for key in _QUALITY_KEYS if key != "flags"},
+            flags=[f for f in body.get("flags") or [] if f in _KNOWN_FLAGS],
+        )
+    return Transcription(
+        id=file.id, text=body["text"], language=body.get("language") or "",
+        duration=float(body.get("duration") or 0.0), model=body.get("model") or "",
+        service_url=service_url, source=file.source, engine=body.get("engine") or "",
+        decode_fingerprint=body.get("fingerprint") or "", requested_language=requested_language,
+        quality=quality,
+    )
+
+
+_QUALITY_KEYS = tuple(TranscriptQuality.model_fields)
+_KNOWN_FLAGS = set(get_args(QualityFlag))
 
 
 def _json_or_text(response: httpx.Response) -> dict | str:
@@ -206,7 +229,7 @@ from tasks.records import Shard  # noqa: E402
 
 @task(name="transcribe-shard", task_run_name="transcribe-shard-{shard.index}", retries=1,
       retry_delay_seconds=5, cache_policy=NO_CACHE)
-def transcribe_shard(shard: Shard, settings: PipelineSettings, model: str | None) -> StageReport:
+def transcribe_shard(shard: Shard, settings: PipelineSettings, expect: Provenance) -> StageReport:
     """Transcribe every file of the shard through the service (bounded concurrency)."""
     files = [f for batch in shard.batches for f in batch.files]
-    return transcribe_files(files, settings, Store(settings.results_root), model, shard.index)
+    return transcribe_files(files, settings, Store(settings.results_root), expect, shard.index)

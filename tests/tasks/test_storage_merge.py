@@ -9,18 +9,24 @@ import time
 import pytest
 
 from tasks.merge import merge_folder
-from tasks.records import Failure, FileError, SourceInfo, Tokens, Transcription
+from tasks.records import AudioFile, Failure, FileError, Provenance, SourceInfo, Tokens, Transcription
 from tasks.storage import Store, stem_id
 
 SRC = SourceInfo(size=10, mtime="1")
+EXPECT = Provenance(decode_fingerprint="fp1", language=None, tokenizer_settings={"seed": 0})
 
 
 def _transcription(file_id: str, text: str = "hello") -> Transcription:
-    return Transcription(id=file_id, text=text, language="en", duration=1.5, model="tiny.en", service_url="x", source=SRC)
+    return Transcription(id=file_id, text=text, language="en", duration=1.5, model="tiny.en", service_url="x",
+                         source=SRC, decode_fingerprint="fp1")
 
 
 def _tokens(file_id: str) -> Tokens:
     return Tokens(id=file_id, token_array=[1, 2, 3], tokenizer="rpq", tokenizer_settings={"seed": 0}, source=SRC)
+
+
+def _files(*ids: str) -> list[AudioFile]:
+    return [AudioFile(id=i, path=f"/audio/{i}", source=SRC) for i in ids]
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -75,7 +81,8 @@ def test_temps_left_by_a_killed_writer_are_swept_once_stale(tmp_path):
 def test_folders_with_results_are_the_jsonl_files_only(store):
     assert store.folders_with_results() == set()
     for relative in ("p225.jsonl", "p225.errors.jsonl", "b/deep/er.jsonl", "gone.errors.jsonl",
-                     "transcriptions/p225/p225_001.json", "tokens/p225/x.json", ".locks/abc.lock", "notes.txt"):
+                     "transcriptions/p225/p225_001.json", "tokens/p225/x.json", ".locks/abc.lock", "notes.txt",
+                     ".index/p225.json", ".index/b/deep/er.json"):
         store.write_bytes(relative, b"{}\n")
     assert store.folders_with_results() == {"p225", "b/deep/er"}
 
@@ -87,22 +94,26 @@ def test_merge_sorted_complete_lines_and_errors(store):
         store.write_record("tokens", _tokens(i))
     store.write_record("transcriptions", Failure(id="p1/c.flac", stage="decode", error="not audio", source=SRC))
     store.write_record("tokens", Failure(id="p1/c.flac", stage="decode", error="not audio", source=SRC))
-    report = merge_folder("p1", ids, store)
+    report = merge_folder("p1", _files(*ids), store, EXPECT)
     lines = [json.loads(x) for x in store.read_bytes("p1.jsonl").decode().splitlines()]
     assert [x["id"] for x in lines] == ["p1/a.flac", "p1/b.flac"]
     assert lines[0] == {"id": "p1/a.flac", "transcription": "p1/a.flac", "token_array": [1, 2, 3]}
     errors = [FileError.model_validate_json(x) for x in store.read_bytes("p1.errors.jsonl").decode().splitlines()]
-    assert [(e.id, e.stage) for e in errors] == [("p1/c.flac", "decode"), ("p1/d.flac", "tokenise"), ("p1/d.flac", "transcribe")]
-    assert report.lines == 2 and report.files == 4 and report.audio_seconds == 3.0
+    # One line per failed file: d.flac missed both stages and is listed once, naming both.
+    assert [(e.id, e.stage) for e in errors] == [("p1/c.flac", "decode"), ("p1/d.flac", "transcribe")]
+    assert errors[0].error == "not audio"
+    assert errors[1].error.startswith("transcribe: no transcribe result for this run: the task did not finish")
+    assert "; tokenise: no tokenise result for this run" in errors[1].error
+    assert report.lines == 2 and report.files == 4 and report.audio_seconds == 3.0 and report.errors == errors
 
 
 def test_merge_rewrites_from_scratch_and_skips_identical(store):
     for i in ["p1/a.flac", "p1/b.flac"]:
         store.write_record("transcriptions", _transcription(i))
         store.write_record("tokens", _tokens(i))
-    assert merge_folder("p1", ["p1/a.flac", "p1/b.flac"], store).changed
-    assert not merge_folder("p1", ["p1/a.flac", "p1/b.flac"], store).changed
-    report = merge_folder("p1", ["p1/b.flac"], store)  # a.flac deleted from the corpus
+    assert merge_folder("p1", _files("p1/a.flac", "p1/b.flac"), store, EXPECT).changed
+    assert not merge_folder("p1", _files("p1/a.flac", "p1/b.flac"), store, EXPECT).changed
+    report = merge_folder("p1", _files("p1/b.flac"), store, EXPECT)  # a.flac deleted from the corpus
     assert report.changed
     assert [json.loads(x)["id"] for x in store.read_bytes("p1.jsonl").decode().splitlines()] == ["p1/b.flac"]
     assert store.read_bytes("p1.errors.jsonl") is None
@@ -111,3 +122,46 @@ def test_merge_rewrites_from_scratch_and_skips_identical(store):
 def test_stem_id():
     assert stem_id("p225/p225_001_mic2.flac") == "p225/p225_001_mic2"
     assert stem_id("a/b/c.d.wav") == "a/b/c.d"
+
+
+def test_folder_lock_is_keyed_on_the_resolved_root(tmp_path, monkeypatch):
+    """Regression (issue 11): `results` and `/abs/results` locked different files, so two runs
+    naming one root two ways could merge the same folder at once."""
+    import threading
+
+    from filelock import FileLock, Timeout
+
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    spellings = [Store("real"), Store("./real/"), Store(str(tmp_path / "real")), Store(str(tmp_path / "link")),
+                 Store(f"file://{tmp_path}/real")]
+    assert len({s.lock_path("p1") for s in spellings}) == 1
+    assert spellings[0].lock_path("p1") != spellings[0].lock_path("p2")
+    assert Store("memory://bucket/r").canonical == Store("memory:///bucket/r/").canonical == "memory:///bucket/r"
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with spellings[0].folder_lock("p1"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(Timeout):  # another spelling of the same root waits for the holder
+            with FileLock(spellings[3].lock_path("p1"), timeout=0.2):
+                pass
+    finally:
+        release.set()
+        thread.join(10)
+    with spellings[3].folder_lock("p1", timeout_s=1):
+        pass
+
+
+def test_read_many_is_glob_safe_and_reports_absent_files(store):
+    store.write_bytes("p1/[a].json", b"A")
+    store.write_bytes("p1/b.json", b"B")
+    assert store.read_many(["p1/[a].json", "p1/missing.json", "p1/b.json"]) == [b"A", None, b"B"]
+    assert store.read_many([]) == []
