@@ -17,7 +17,7 @@ import pytest
 
 from tasks.discover import list_audio
 from tasks.merge import merge_folder
-from tasks.records import SourceInfo, Tokens, Transcription
+from tasks.records import AudioFile, Provenance, SourceInfo, Tokens, Transcription
 from tasks.storage import Store
 from tests.reliability.conftest import REPO, read_results, wait_until
 
@@ -62,13 +62,17 @@ def test_results_get_the_mode_of_a_normally_written_file(tmp_path):
     store = Store(str(tmp_path / "results"))
     source = SourceInfo(size=1, mtime="0")
     store.write_record("transcriptions", Transcription(
-        id="p1/a.flac", text="hi", language="en", duration=1.0, model="m", service_url="u", source=source))
+        id="p1/a.flac", text="hi", language="en", duration=1.0, model="m", service_url="u", source=source,
+        decode_fingerprint="fp"))
     store.write_record("tokens", Tokens(id="p1/a.flac", token_array=[1], tokenizer="t", tokenizer_settings={},
                                         source=source))
-    merge_folder("p1", ["p1/a.flac"], store)
+    expect = Provenance(decode_fingerprint="fp", language=None, tokenizer_settings={})
+    report = merge_folder("p1", [AudioFile(id="p1/a.flac", path="/a/p1/a.flac", source=source)], store, expect)
+    assert report.lines == 1
     reference = tmp_path / "plain"
     reference.write_bytes(b"x")
-    for path in (tmp_path / "results" / "p1.jsonl", tmp_path / "results" / "tokens" / "p1" / "a.json"):
+    for path in (tmp_path / "results" / "p1.jsonl", tmp_path / "results" / "tokens" / "p1" / "a.json",
+                 tmp_path / "results" / ".index" / "p1.json"):
         assert oct(path.stat().st_mode & 0o777) == oct(reference.stat().st_mode & 0o777) == oct(0o666 & ~umask)
 
 

@@ -20,7 +20,9 @@ from tasks.discover import list_audio
 from tasks.records import Tokens
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
-from tasks.transcribe import transcription_reusable
+from tasks.tokenise import tokeniser_for
+from tasks.provenance import tokens_problem, transcription_problem, transcription_reusable
+from tasks.records import Provenance
 from tests.conftest import DEMO_AUDIO, DEMO_REFERENCES
 from tests.metrics import transcribe_requests
 from tests.reliability.conftest import cli_env, run_cli
@@ -82,7 +84,10 @@ def test_memory_audio_and_results_end_to_end(whisper_service_url):
     again = parallel_transcribe_tokenise(
         audio_root=audio, results_root=results, service_url=whisper_service_url, n_workers=1, batch_size=2,
     )
-    assert again.lines == len(ids) and transcribe_requests(whisper_service_url) == before  # all reused
+    # All reused, when the service names its decode fingerprint; one that names none gives no
+    # model identity, so everything is transcribed again (issue 12 item 7).
+    resent = 0 if service_fingerprint(whisper_service_url) else len(ids)
+    assert again.lines == len(ids) and transcribe_requests(whisper_service_url) - before == resent
 
 
 # --- S3 (moto on loopback) -------------------------------------------------------------------
@@ -127,17 +132,30 @@ def test_s3_audio_and_results_through_the_cli(s3_endpoint, whisper_service_url, 
     assert not [p for p in fs.find("out/run") if ".tmp-" in p]  # object stores: whole PUTs, no temp names
 
     # A rerun would send nothing again: listing S3 now gives every file the same source identity
-    # (size, LastModified) that its intermediates recorded, so all of them are reusable.
+    # (size, LastModified) that its intermediates recorded, so all of them are reusable (given a
+    # service that names its decode fingerprint; without one nothing is).
     for key, value in {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_endpoint})  # what the env var does at import
     settings = PipelineSettings(audio_root="s3://corpus/vctk", results_root="s3://out/run")
     files, _ = list_audio(settings.audio_root, settings.extensions)
     store = Store(settings.results_root)
+    fingerprint = service_fingerprint(whisper_service_url)
+    expect = Provenance(decode_fingerprint=fingerprint, language=None,  # as the flow builds it
+                        tokenizer_settings=json.loads(json.dumps(tokeniser_for(settings).settings)))
     assert sorted(f.id for f in files) == sorted([*ids, "p226/broken.flac"])
     for f in files:
         if f.id == "p226/broken.flac":
             continue  # failures are never reused: a rerun tries the file again
-        assert transcription_reusable(store.read_transcription(f.id), f, "tiny.en", settings), f.id
+        record = store.read_transcription(f.id)
+        assert transcription_problem(record, f, expect) is None, f.id
+        assert transcription_reusable(record, f, expect) == bool(fingerprint), f.id
         tokens = store.read_tokens(f.id)
-        assert isinstance(tokens, Tokens) and tokens.source == f.source, f.id
+        assert isinstance(tokens, Tokens) and tokens_problem(tokens, f, expect) is None, f.id
+
+
+def service_fingerprint(url: str) -> str | None:
+    import httpx
+
+    return httpx.get(f"{url}/healthz", timeout=10).json().get("fingerprint")
+
