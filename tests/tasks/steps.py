@@ -4,6 +4,7 @@ without Prefect or Dask, on real FLAC files; plus a filesystem that counts stora
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ def write_clip(path: Path, seed: int, seconds: float = 0.4) -> Path:
 def make_corpus(root: Path, folders: dict[str, int], seed: int = 0) -> None:
     for folder, n in folders.items():
         for i in range(n):
-            write_clip(root / folder / f"{folder}_{i:03d}.flac", seed * 10_000 + hash(folder) % 1000 * 10 + i)
+            write_clip(root / folder / f"{folder}_{i:03d}.flac", seed * 10_000 + zlib.crc32(folder.encode()) % 1000 * 10 + i)
 
 
 def settings_for(audio: Path, results: str, service_url: str, **overrides: object) -> PipelineSettings:
