@@ -84,3 +84,17 @@ def test_tokeniser_settings_invalidate_exactly_the_tokens(tmp_path):
     assert run.stage("tokenise").done == 3
     assert all("stale tokens from tokeniser settings version: 1 (this run: 99)" in e.error
                for r in run.folders.values() for e in r.errors)
+
+
+def test_a_service_restarted_with_other_settings_mid_run_gives_no_mixed_lines(tmp_path):
+    """Each answer's own fingerprint is stored: text decoded under settings other than those
+    `/healthz` named at the start of the run is refused at merge, not mixed into the folder."""
+    audio = tmp_path / "audio"
+    make_corpus(audio, {"p1": 2})
+    with ContractService(engine="faster-whisper", fingerprint="fp-after-restart") as service:
+        settings = settings_for(audio, str(tmp_path / "results"), service.url)
+        expect = expect_for(settings).model_copy(update={"decode_fingerprint": "fp-at-start"})
+        run = run_steps(settings, Store(settings.results_root), expect)
+    assert run.stage("transcribe").done == 2 and run.folders["p1"].lines == 0
+    assert all("stale transcription from faster-whisper tiny.en (decode fingerprint fp-after-res" in e.error
+               for e in run.folders["p1"].errors)
