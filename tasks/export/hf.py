@@ -102,7 +102,7 @@ class HfWriter:
         schema = self.schema()
         errors: list[LineError] = []
         rows: list[dict[str, Any]] = []
-        buffered, wrote = 0, False
+        buffered = 0
         with pq.ParquetWriter(targets[self.files(index)[0]], schema, compression="zstd") as writer:
             for sample in samples:
                 row = self._row(sample, errors)
@@ -112,8 +112,10 @@ class HfWriter:
                 buffered += len(sample.raw) + (len(row["audio"]["bytes"]) if self.with_audio else 0)
                 if len(rows) >= ROW_GROUP_ROWS or buffered >= ROW_GROUP_BYTES:
                     writer.write_table(self._table(rows))
-                    rows, buffered, wrote = [], 0, True
-            if rows or not wrote:  # a shard of bad lines only is still a valid (empty) file
+                    rows, buffered = [], 0
+            # A shard of failed lines only is a file with the schema and no row group: an empty
+            # row group makes datasets fail ("BatchSize must be greater than 0").
+            if rows:
                 writer.write_table(self._table(rows))
         return errors
 

@@ -108,14 +108,16 @@ class LhotseWriter:
         errors: list[LineError] = []
         cut_target, tar_target = (targets[f] for f in self.files(index))
         with tempfile.TemporaryDirectory(dir=os.path.dirname(cut_target)) as scratch:
-            with SharWriter(scratch, fields={"recording": "flac"}, shard_size=None, shard_offset=index) as writer:
+            # shard_size=None: one file per field, however many cuts; our engine does the sharding.
+            with SharWriter(scratch, fields={"recording": "flac"}, shard_size=None) as writer:
                 for cut in cuts:
                     try:
                         writer.write(cut)
                     except (OSError, RuntimeError, ValueError) as e:  # audio that lhotse cannot load
                         errors.append(LineError(id=cut.id, error=f"lhotse could not load the audio: {e}"))
-            os.replace(os.path.join(scratch, f"cuts.{index:06d}.jsonl.gz"), cut_target)
-            os.replace(os.path.join(scratch, f"recording.{index:06d}.tar"), tar_target)
+            paths = writer.output_paths
+            os.replace(paths["cuts"][0], cut_target)
+            os.replace(paths["recording"][0], tar_target)
         return errors
 
     def finish(self, out: Path, report: ExportReport) -> None:
