@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.export.reader import BadLine, Sample, iter_lines
 from tasks.manifest import MANIFEST_NAME, Manifest
-from tasks.storage import TEMP_PREFIX, TEMP_SUFFIX
+from tasks.storage import TEMP_PREFIX, TEMP_SUFFIX, Store
 
 INDEX_DIR = ".export"
 SUMMARY_NAME = "export.json"
@@ -143,6 +143,8 @@ def run_export(
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out!r} exists and is not a directory")
     (out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+    for leftover in Store(str(out_dir)).sweep_stale_temps():  # from a killed export, over an hour old
+        progress(f"removed {leftover}, a temp file an earlier export was killed while writing")
     options = _fingerprint({"format": writer.name, **writer.options(), "limit": [limit.samples, limit.bytes]})
 
     plan = _plan(iter_lines(results_root), writer, limit)
