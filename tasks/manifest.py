@@ -112,7 +112,8 @@ def write_manifest(
     Args:
         health: the service's `/healthz` body (fields an older service lacks stay null).
         tokenizer_settings: the tokeniser's provenance settings when the caller holds them (the
-            run plan does); otherwise the tokeniser is built on CPU once to ask it.
+            run plan does); otherwise those stored with the first line's tokens intermediate,
+            and failing that the tokeniser is built on CPU once to ask it.
     """
     manifest = build_manifest(
         settings=settings, health=health, summary=summary, run_id=run_id, tokenizer_settings=tokenizer_settings
@@ -139,11 +140,31 @@ def read_manifest(results_root: str) -> Manifest | None:
 
 
 def _tokeniser_settings(settings: PipelineSettings) -> dict[str, Any]:
-    """Ask the tokeniser itself: its settings are what every Tokens intermediate stores."""
-    from tasks.tokenisers import get_tokeniser  # torch only when the caller had no settings to hand
+    """What produced the stored tokens: a line's intermediate says it without loading anything;
+    else ask the tokeniser itself (its settings are what every Tokens intermediate stores)."""
+    stored = _stored_tokeniser_settings(Store(settings.results_root))
+    if stored is not None and stored.get("name") == settings.tokenizer:
+        return stored
+    from tasks.tokenisers import get_tokeniser  # torch only when nothing on disk says it
 
     tokeniser = get_tokeniser(settings.tokenizer, device="cpu", **settings.tokenizer_options)
     return json.loads(json.dumps(tokeniser.settings))  # JSON round trip, as stored
+
+
+def _stored_tokeniser_settings(store: Store) -> dict[str, Any] | None:
+    """`tokenizer_settings` of the first line's tokens intermediate (merge joins only lines whose
+    intermediates match this run's settings), or None when there is no line or no intermediate."""
+    for folder in sorted(store.folders_with_results()):
+        with store.fs.open(store.path(f"{folder}.jsonl"), "rb") as f:
+            first = f.readline()
+        if not first.strip():
+            continue
+        try:
+            tokens = store.read_tokens(json.loads(first)["id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return getattr(tokens, "tokenizer_settings", None)  # a Failure has none
+    return None
 
 
 def _absolute(root: str) -> str:

@@ -98,3 +98,19 @@ def test_encodec_is_described_frame_major_from_its_bandwidth() -> None:
         describe_tokens({"name": "wav2vec"})
     with pytest.raises(ValueError, match="lack 'n_q'"):
         describe_tokens({k: v for k, v in settings.items() if k != "n_q"})
+
+
+def test_without_settings_to_hand_the_stored_intermediate_describes_the_tokens(tmp_path: Path) -> None:
+    """What produced the lines on disk, read from the first line's tokens intermediate."""
+    from tasks.records import SourceInfo, Tokens
+    from tasks.storage import Store
+
+    stored = {**get_tokeniser("rpq", device="cpu", seed=7, codebook_size=4096).settings}
+    store = Store(str(tmp_path / "r"))
+    store.write_record("tokens", Tokens(id="p1/a.flac", token_array=[1], tokenizer="rpq", tokenizer_settings=stored,
+                                        source=SourceInfo(size=1, mtime="0")))
+    store.write_bytes("p1.jsonl", b'{"id": "p1/a.flac", "transcription": "a", "token_array": [1]}\n')
+    settings = PipelineSettings(audio_root=str(tmp_path), results_root=str(tmp_path / "r"), tokenizer="rpq")
+    write_manifest(str(tmp_path / "r"), settings=settings, health={}, summary=_summary("r"), run_id=None)
+    spec = read_manifest(str(tmp_path / "r")).tokeniser
+    assert spec.settings == stored and spec.codebook_size == 4096 and spec.value_dtype == "uint16"
