@@ -22,7 +22,7 @@ from tasks.export.shards import ExportReport, LineError, write_atomic
 from tasks.records import AudioQuality, TranscriptQuality
 
 ROW_GROUP_ROWS = 1000
-ROW_GROUP_BYTES = 64 << 20  # flush earlier when audio makes rows large: bounded memory
+ROW_GROUP_BYTES = 32 << 20  # flush earlier when audio makes rows large: bounded memory
 
 
 def quality_columns() -> dict[str, str]:

@@ -85,6 +85,8 @@ class WebDatasetWriter:
                     info = tarfile.TarInfo(name)
                     info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: same input, same bytes
                     tar.addfile(info, io.BytesIO(data))
+                # TarFile keeps every member's TarInfo for listing; a writer never lists: memory flat.
+                tar.members.clear()
         return []  # a sample without readable audio still has its text, tokens and metadata
 
     def _members(self, sample: Sample) -> list[tuple[str, bytes]]:
