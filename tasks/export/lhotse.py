@@ -62,10 +62,15 @@ class LhotseWriter:
             gzip.open(cut_files, "wt", encoding="utf-8", compresslevel=6) as c,
         ):
             for cut in cuts:
-                r.write(json.dumps(cut.recording.to_dict(), ensure_ascii=False) + "\n")
-                for supervision in cut.supervisions:
-                    s.write(json.dumps(supervision.to_dict(), ensure_ascii=False) + "\n")
-                c.write(json.dumps(cut.to_dict(), ensure_ascii=False) + "\n")
+                # One to_dict per cut, its parts reused, and the tokens attached after: lhotse's
+                # to_dict deep-copies `custom` value by value (3/4 of the time on 10k lines).
+                custom, cut.custom = cut.custom, None
+                record = cut.to_dict()
+                r.write(json.dumps(record["recording"], ensure_ascii=False) + "\n")
+                for supervision in record["supervisions"]:
+                    s.write(json.dumps(supervision, ensure_ascii=False) + "\n")
+                record["custom"] = custom
+                c.write(json.dumps(record, ensure_ascii=False) + "\n")
         return errors
 
     def _cuts(self, samples: Iterator[Sample]) -> tuple[Iterator, list[LineError]]:
