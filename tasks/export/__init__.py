@@ -8,6 +8,7 @@ copied into every export.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Literal
 
@@ -50,6 +51,8 @@ def export(
         raise ExportError("--with-audio is for --format hf (webdataset always holds the audio; lhotse and nemo point at it)")
     if shar and fmt != "lhotse":
         raise ExportError("--shar is for --format lhotse")
+    if audio_root and "://" not in audio_root:
+        audio_root = os.path.abspath(audio_root)  # NeMo and lhotse need paths that work from anywhere
     root = audio_root or (manifest.audio_root if manifest else None)
     dtype = manifest.tokeniser.value_dtype if manifest else "int64"
     with_quality = bool(manifest and manifest.output.with_quality) or _first_line_has_quality(results_root)

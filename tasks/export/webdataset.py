@@ -79,15 +79,22 @@ class WebDatasetWriter:
         return str(self._size(sample)).encode()
 
     def write_shard(self, index: int, samples: Iterator[Sample], targets: dict[str, str]) -> list[LineError]:
+        errors: list[LineError] = []
+        keys: set[str] = set()  # per shard: bounded by the shard size
         with tarfile.open(targets[self.files(index)[0]], "w", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:
+                key = sample_key(sample.id)
+                if key in keys:  # "a.b.flac" and "a_b.flac": WebDataset would merge the two samples
+                    errors.append(LineError(id=sample.id, error=f"its WebDataset key {key!r} is another id's in this shard"))
+                    continue
+                keys.add(key)
                 for name, data in self._members(sample):
                     info = tarfile.TarInfo(name)
                     info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: same input, same bytes
                     tar.addfile(info, io.BytesIO(data))
                 # TarFile keeps every member's TarInfo for listing; a writer never lists: memory flat.
                 tar.members.clear()
-        return []  # a sample without readable audio still has its text, tokens and metadata
+        return errors  # a sample without readable audio still has its text, tokens and metadata
 
     def _members(self, sample: Sample) -> list[tuple[str, bytes]]:
         key = sample_key(sample.id)

@@ -23,7 +23,8 @@ ENCODEC_CODEBOOK_SIZE = 1024
 class TokenSpec(BaseModel):
     """The token stream one tokeniser configuration produces."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # extra="ignore": a manifest from a newer version, with more fields here, still reads.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     name: str  # "rpq" | "simulated" | "encodec"
     version: int  # the tokeniser's algorithm version (bumped when tokens change)

@@ -170,3 +170,28 @@ def test_nemo_takes_duration_from_quality_when_the_audio_is_gone(quality_results
     report = export(str(quality_results.root), "nemo", str(tmp_path))
     entries = {e["id"]: e for e in map(json.loads, (tmp_path / "manifest_000000.json").read_text().splitlines())}
     assert report.failed == 0 and entries[MISSING]["duration"] == 0.6
+
+
+def test_webdataset_refuses_two_ids_that_share_a_key(tmp_path: Path) -> None:
+    """`a.b.flac` and `a_b.flac` both map to key `a_b`: WebDataset would merge them into one sample."""
+    root = tmp_path / "results"
+    root.mkdir()
+    lines = [{"id": f"p1/{name}", "transcription": name, "token_array": [1]} for name in ("a.b.flac", "a_b.flac")]
+    (root / "p1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = export(str(root), "webdataset", str(tmp_path / "out"), audio_root=str(tmp_path))
+    assert (report.samples, report.failed) == (1, 1) and report.errors[0].id == "p1/a_b.flac"
+    assert "is another id's" in report.errors[0].error
+
+
+def test_lines_that_are_not_result_lines_are_reported_by_file_and_line(results: Results, tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    root.mkdir()
+    good = {"id": "p1/a.flac", "transcription": "a", "token_array": [1, 2]}
+    (root / "p1.jsonl").write_text(
+        json.dumps(good) + "\n" + "{torn\n" + json.dumps({**good, "id": "p1/b.flac", "token_array": ["x"]}) + "\n"
+    )
+    report = export(str(root), "hf", str(tmp_path / "out"))
+    assert (report.lines, report.samples, report.failed) == (3, 1, 2)
+    errors = _errors(tmp_path / "out")
+    assert errors["p1.jsonl:2"].startswith("p1.jsonl:2: not a result line")
+    assert "not a list of non-negative integers" in errors["p1/b.flac"]
