@@ -116,6 +116,38 @@ def crash_unresponsive_runs(heartbeat_seconds: int | None, missed: int) -> None:
     click.echo(f"automation {AUTOMATION_NAME!r} ({automation_id}) is in place")
 
 
+@main.command("export")
+@click.argument("results_root")
+@click.option("--format", "fmt", type=click.Choice(["lhotse", "hf", "webdataset", "nemo"]), required=True,
+              help="lhotse manifests, Hugging Face Parquet, WebDataset tars or NeMo manifests.")
+@click.option("--out", required=True, help="Local directory to write the export into (rerun to resume).")
+@click.option("--shard-size", default="10000",
+              help="Samples per shard (an integer), or bytes with a unit (500MB, 1GiB).")
+@click.option("--with-audio", is_flag=True, help="hf: embed each file's bytes in an `audio` column.")
+@click.option("--shar", is_flag=True, help="lhotse: write Lhotse Shar (cuts + FLAC tar) instead of jsonl.gz.")
+@click.option("--audio-root", default=None, help="Where the audio is, over the manifest's (moved audio, no manifest).")
+def export_results(results_root: str, fmt: str, out: str, shard_size: str, with_audio: bool, shar: bool,
+                   audio_root: str | None) -> None:
+    """Export RESULTS_ROOT's {folder}.jsonl lines for training (docs/EXPORT.md)."""
+    from tasks.export import ExportError, export
+
+    try:
+        report = export(results_root, fmt, out, shard_size=shard_size, with_audio=with_audio, shar=shar,
+                        audio_root=audio_root, progress=lambda message: click.echo(message, err=True))
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(
+        f"{report.samples} of {report.lines} lines -> {report.shards} {fmt} shard(s) in {report.out}"
+        f" ({report.reused_shards} already complete, kept); {report.wall_seconds:.1f} s"
+    )
+    if not report.manifest:
+        click.echo(f"note: {results_root} has no manifest.json; the export says nothing about its tokens", err=True)
+    if report.failed:
+        click.echo(f"{report.failed} line(s) not exported; see {report.out}/export.errors.jsonl", err=True)
+        for e in report.errors[:10]:
+            click.echo(f"  {e.id}: {e.error}", err=True)
+        sys.exit(1)
+
 def _run_and_report(preview: int = 0, **parameters) -> int:
     """Run the flow with the given parameters (None: settings default), print the summary."""
     from flows.pipeline import parallel_transcribe_tokenise

@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Literal
 
 from tasks.tokenisers.base import Tokeniser
+from tasks.tokenisers.specs import TokenSpec, describe_tokens
 
 TokeniserName = Literal["rpq", "simulated", "encodec"]
 DEFAULT_TOKENISER: TokeniserName = "rpq"
@@ -22,7 +23,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 TOKENISER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-__all__ = ["DEFAULT_TOKENISER", "TOKENISER_NAMES", "Tokeniser", "TokeniserName", "get_tokeniser"]
+__all__ = [
+    "DEFAULT_TOKENISER", "TOKENISER_NAMES", "TokenSpec", "Tokeniser", "TokeniserName", "describe_tokens", "get_tokeniser",
+]
 
 
 def get_tokeniser(name: str = DEFAULT_TOKENISER, *, device: str = "auto", **options: Any) -> Tokeniser:

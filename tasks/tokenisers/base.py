@@ -11,6 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tasks.tokenisers.specs import TokenSpec
+
 
 @runtime_checkable
 class Tokeniser(Protocol):
@@ -29,6 +31,10 @@ class Tokeniser(Protocol):
     def settings(self) -> dict[str, Any]: ...
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]: ...
+
+    def describe(self) -> TokenSpec:
+        """Rate, vocabulary and layout of the tokens: `specs.describe_tokens(self.settings)`."""
+        ...
 
 
 def resolve_device(device: str) -> str:

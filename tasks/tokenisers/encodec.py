@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
+from tasks.tokenisers.specs import TokenSpec, describe_tokens
 
 SAMPLE_RATE = 24_000
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps the 24 kHz model supports
@@ -84,6 +85,10 @@ class EncodecTokeniser:
             "layout": "frame-major",
             "weights_sha256": self.weights_sha256,
         }
+
+    def describe(self) -> TokenSpec:
+        """Rate, vocabulary and codebook layout of these tokens (written to results/manifest.json)."""
+        return describe_tokens(self.settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One list per clip of `ceil(len / 320) * n_q` codes in [0, 1024); empty clips give [].

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import whisper.audio
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
+from tasks.tokenisers.specs import TokenSpec, describe_tokens
 
 SAMPLE_RATE = 16_000
 N_MELS = 80
@@ -108,6 +109,10 @@ class RpqTokeniser:
             "codebook_dim": self.codebook_dim,
             "codebook_size": self.codebook_size,
         }
+
+    def describe(self) -> TokenSpec:
+        """Rate, vocabulary and codebook layout of these tokens (written to results/manifest.json)."""
+        return describe_tokens(self.settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One token list per clip, in order: `len(clip) // 640` ints in [0, codebook_size).

@@ -1,0 +1,164 @@
+"""Stream the lines of a results root, one at a time, in a stable order; find each line's audio.
+
+Memory stays flat in corpus size: folders are listed (one name each), then each `{folder}.jsonl`
+is read line by line. The order (folders sorted, lines as stored) is the same on every pass, so
+an export can plan its shards in one pass and write them in another, and a rerun finds the same
+shard boundaries.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import soundfile as sf
+
+from tasks.storage import Store
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One JSONL line, parsed; `raw` is the line's bytes (what a shard's checksum covers)."""
+
+    id: str
+    folder: str
+    transcription: str
+    token_array: list[int]
+    quality: dict[str, Any] | None
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line that is not a result line; reported in the export's errors, never exported."""
+
+    id: str  # "{folder}.jsonl:{line number}" when the line has no readable id
+    folder: str
+    error: str
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    sample_rate: int
+    num_samples: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+def iter_lines(results_root: str) -> Iterator[Sample | BadLine]:
+    """Every line of every `{folder}.jsonl` (never `*.errors.jsonl`), folders in sorted order."""
+    store = Store(results_root)
+    for folder in sorted(store.folders_with_results()):
+        relative = f"{folder}.jsonl"
+        with store.fs.open(store.path(relative), "rb") as f:
+            for number, line in enumerate(f, start=1):
+                raw = line.strip()
+                if raw:
+                    yield parse_line(raw, folder, f"{relative}:{number}")
+
+
+def parse_line(raw: bytes, folder: str, where: str) -> Sample | BadLine:
+    """The line as a Sample, or a BadLine naming `where` (file:line) and what is wrong."""
+    record: object = None
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}, not an object")
+        return Sample(
+            id=_text(record, "id"), folder=folder, transcription=_text(record, "transcription"),
+            token_array=_tokens(record), quality=_quality(record), raw=raw,
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        file_id = record.get("id") if isinstance(record, dict) else None
+        reason = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        return BadLine(id=file_id if isinstance(file_id, str) else where, folder=folder,
+                       error=f"{where}: not a result line: {reason}", raw=raw)
+
+
+def _text(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _tokens(record: dict) -> list[int]:
+    tokens = record["token_array"]
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
+        raise TypeError("'token_array' is not a list of non-negative integers")
+    return tokens
+
+
+def _quality(record: dict) -> dict[str, Any] | None:
+    quality = record.get("quality")
+    if quality is not None and not isinstance(quality, dict):
+        raise TypeError("'quality' is not an object")
+    return quality
+
+
+def audio_info(path: str) -> AudioInfo:
+    """Sample rate, length and channels from the file's header (no decode of the samples).
+
+    Raises:
+        OSError: the file is missing or unreadable; sf.LibsndfileError (a RuntimeError): not audio.
+    """
+    if _local(path):
+        if not os.path.isfile(path):  # libsndfile would say "System error", not which
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        info = sf.info(path)
+    else:
+        with fsspec.open(path, "rb") as f:
+            info = sf.info(f)
+    return AudioInfo(sample_rate=int(info.samplerate), num_samples=int(info.frames), channels=int(info.channels))
+
+
+def read_audio(path: str) -> bytes:
+    if _local(path):  # plain open: fsspec's URL parsing costs more than reading a cached clip
+        with open(path, "rb") as f:
+            return f.read()
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def audio_size(path: str) -> int:
+    if _local(path):
+        return os.stat(path).st_size
+    fs, stripped = fsspec.url_to_fs(path)
+    return int(fs.size(stripped))
+
+
+def _local(path: str) -> bool:
+    return "://" not in path
+
+
+def quality_duration(quality: dict[str, Any] | None) -> float | None:
+    """A `duration` (seconds) anywhere in a line's quality object, as the service measured it."""
+    for key, value in _walk(quality or {}):
+        if key == "duration" and isinstance(value, int | float) and value > 0:
+            return float(value)
+    return None
+
+
+def _walk(obj: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            yield from _walk(value)
+        else:
+            yield key, value
+
+
+def flat_quality(quality: dict[str, Any] | None) -> dict[str, Any]:
+    """Leaf fields of a (possibly nested) quality object by their own name; the first wins."""
+    flat: dict[str, Any] = {}
+    for key, value in _walk(quality or {}):
+        flat.setdefault(key, value)
+    return flat

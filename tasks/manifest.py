@@ -1,0 +1,172 @@
+"""`results/manifest.json`: what produced the JSONL and what its `token_array` means.
+
+Rewritten atomically at the end of every run, so the results root always describes itself: the
+transcription model and decode options (from the service's `/healthz`), the tokeniser with its
+rate, vocabulary and codebook layout, the audio root the ids are relative to, and counts. Exports
+copy it, so a dataset separated from its run still says how to read its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tasks.records import RunSummary
+from tasks.settings import PipelineSettings
+from tasks.storage import Store
+from tasks.tokenisers.specs import TokenSpec, describe_tokens
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class _Part(BaseModel):
+    # extra="ignore": a manifest written by a newer version still reads here (schema_version says more).
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ServiceInfo(_Part):
+    """The transcription side, as the service's `/healthz` named it (older services name less)."""
+
+    url: str
+    engine: str | None = None  # "openai-whisper" | "faster-whisper"
+    model: str | None = None
+    device: str | None = None
+    weights_sha256: str | None = None
+    decode: dict[str, Any] | None = None  # decode options (beam, temperatures, thresholds, ...)
+    fingerprint: str | None = None  # covers engine + weights hash + decode options
+    language: str | None = None  # the language the run requested; None: detected per clip
+
+
+class Counts(_Part):
+    folders: int
+    files: int
+    lines: int
+    failed: int
+    flagged: int
+    new: int
+
+
+class OutputInfo(_Part):
+    """How the lines are laid out on the results root."""
+
+    jsonl: str = "{folder}.jsonl"
+    errors_jsonl: str = "{folder}.errors.jsonl"
+    fields: list[str]  # keys of every line
+    with_quality: bool
+    drop_flagged: bool
+
+
+class Manifest(_Part):
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["audio-pipeline-results"] = "audio-pipeline-results"
+    written_at: str  # ISO 8601, UTC
+    run_id: str | None  # the Prefect flow run that wrote it; None outside Prefect
+    audio_root: str  # line ids are paths relative to it (absolute for a local root)
+    results_root: str
+    service: ServiceInfo
+    tokeniser: TokenSpec
+    output: OutputInfo
+    counts: Counts
+
+    def audio_path(self, file_id: str) -> str:
+        """Where the audio of line `file_id` lives (a local path or an fsspec URL)."""
+        return f"{self.audio_root.rstrip('/')}/{file_id}"
+
+
+def build_manifest(
+    *, settings: PipelineSettings, health: dict, summary: RunSummary, run_id: str | None,
+    tokenizer_settings: dict[str, Any] | None = None,
+) -> Manifest:
+    """The manifest for a finished run (see `write_manifest`)."""
+    fields = ["id", "transcription", "token_array"] + (["quality"] if settings.with_quality else [])
+    return Manifest(
+        written_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        run_id=run_id,
+        audio_root=_absolute(settings.audio_root),
+        results_root=_absolute(settings.results_root),
+        service=ServiceInfo(
+            url=settings.service_url, engine=health.get("engine"), model=health.get("model"),
+            device=health.get("device"), weights_sha256=health.get("weights_sha256"),
+            decode=health.get("decode"), fingerprint=health.get("fingerprint"), language=settings.language,
+        ),
+        tokeniser=describe_tokens(tokenizer_settings or _tokeniser_settings(settings)),
+        output=OutputInfo(fields=fields, with_quality=settings.with_quality, drop_flagged=settings.drop_flagged),
+        counts=Counts(
+            folders=summary.folders, files=summary.files, lines=summary.lines, failed=summary.failed,
+            flagged=summary.flagged, new=summary.new,
+        ),
+    )
+
+
+def write_manifest(
+    results_root: str, *, settings: PipelineSettings, health: dict, summary: RunSummary, run_id: str | None,
+    tokenizer_settings: dict[str, Any] | None = None,
+) -> str:
+    """Write `results_root/manifest.json` atomically; returns the path a user can open.
+
+    Args:
+        health: the service's `/healthz` body (fields an older service lacks stay null).
+        tokenizer_settings: the tokeniser's provenance settings when the caller holds them (the
+            run plan does); otherwise those stored with the first line's tokens intermediate,
+            and failing that the tokeniser is built on CPU once to ask it.
+    """
+    manifest = build_manifest(
+        settings=settings, health=health, summary=summary, run_id=run_id, tokenizer_settings=tokenizer_settings
+    )
+    store = Store(results_root)
+    store.write_bytes(MANIFEST_NAME, (manifest.model_dump_json(indent=2) + "\n").encode())
+    return store.display(MANIFEST_NAME)
+
+
+def read_manifest(results_root: str) -> Manifest | None:
+    """The manifest of a results root; None when there is none (results older than manifests).
+
+    Raises:
+        ValueError: a manifest that exists but is not valid JSON of this schema, naming the file.
+    """
+    store = Store(results_root)
+    data = store.read_bytes(MANIFEST_NAME)
+    if data is None:
+        return None
+    try:
+        return Manifest.model_validate(json.loads(data))
+    except (ValueError, ValidationError) as e:
+        raise ValueError(f"{store.display(MANIFEST_NAME)} is not a valid manifest: {e}") from e
+
+
+def _tokeniser_settings(settings: PipelineSettings) -> dict[str, Any]:
+    """What produced the stored tokens: a line's intermediate says it without loading anything;
+    else ask the tokeniser itself (its settings are what every Tokens intermediate stores)."""
+    stored = _stored_tokeniser_settings(Store(settings.results_root))
+    if stored is not None and stored.get("name") == settings.tokenizer:
+        return stored
+    from tasks.tokenisers import get_tokeniser  # torch only when nothing on disk says it
+
+    tokeniser = get_tokeniser(settings.tokenizer, device="cpu", **settings.tokenizer_options)
+    return json.loads(json.dumps(tokeniser.settings))  # JSON round trip, as stored
+
+
+def _stored_tokeniser_settings(store: Store) -> dict[str, Any] | None:
+    """`tokenizer_settings` of the first line's tokens intermediate (merge joins only lines whose
+    intermediates match this run's settings), or None when there is no line or no intermediate."""
+    for folder in sorted(store.folders_with_results()):
+        with store.fs.open(store.path(f"{folder}.jsonl"), "rb") as f:
+            first = f.readline()
+        if not first.strip():
+            continue
+        try:
+            tokens = store.read_tokens(json.loads(first)["id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return getattr(tokens, "tokenizer_settings", None)  # a Failure has none
+    return None
+
+
+def _absolute(root: str) -> str:
+    """A relative local root is relative to the run's working directory: pin it."""
+    return root if "://" in root else os.path.abspath(root)
