@@ -28,6 +28,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,13 +68,37 @@ class Clip(BaseModel):
     words_per_second: float | None = None
 
 
+class Plot(BaseModel):
+    """One published image: where its PNG is kept and how the UI shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    title: str
+    path: str  # the PNG on the results root (a local path or a URL with its protocol)
+    url: str  # what the UI loads: a data URL of the same PNG
+    artifact: UUID
+
+
+class Progress(BaseModel):
+    """A run's progress artifact and the run that shows it; small, so it can be a subflow parameter."""
+
+    model_config = ConfigDict(frozen=True)
+
+    artifact: UUID
+    total: int
+    unit: str = "shards"
+    flow_run_id: UUID | None = None  # the run whose Logs tab gets the progress lines
+    flow_run_name: str | None = None
+    flow_name: str | None = None
+
+
 class RunArtifacts(BaseModel):
-    """What `publish_run_artifacts` created: artifact ids and the images written to the results root."""
+    """What `publish_run_artifacts` created."""
 
     folders: UUID | None = None
     samples: dict[str, UUID] = Field(default_factory=dict)  # folder -> its sample table
-    images: dict[str, str] = Field(default_factory=dict)  # artifact key -> PNG path on the results root
-    image_artifacts: dict[str, UUID] = Field(default_factory=dict)
+    plots: list[Plot] = Field(default_factory=list)
     report: UUID | None = None
 
 
@@ -112,11 +137,11 @@ def publish_run_artifacts(
         )
     with _guard("the plots"):
         clips = plot_clips(reports, store, audio_root=audio_root, max_clips=max_plot_clips)
-        out.images, out.image_artifacts = publish_plots(clips, store, sampled_from=sum(r.lines for r in reports))
+        out.plots = publish_plots(clips, store, sampled_from=sum(r.lines for r in reports))
     with _guard("the run report"):
         out.report = create_markdown_artifact(
             key=RUN_REPORT_KEY,
-            markdown=run_report_markdown(reports, store, wall_seconds, audio_root, exports, stale_folders, out.images),
+            markdown=run_report_markdown(reports, store, wall_seconds, audio_root, exports, stale_folders, out.plots),
             description=_counts_line(reports, wall_seconds),
         )
     return out
@@ -282,37 +307,38 @@ def plot_clips(
     return clips[:max_clips]
 
 
-def publish_plots(clips: Sequence[Clip], store: Store, sampled_from: int) -> tuple[dict[str, str], dict[str, UUID]]:
+def publish_plots(clips: Sequence[Clip], store: Store, sampled_from: int) -> list[Plot]:
     """Histograms of durations and quality fields, written to `_report/` and shown inline.
 
     The artifact's URL is a data URL: a browser cannot fetch a path on the results root from the
     UI's page, but it renders an inlined PNG anywhere; the stored PNG is the copy to keep.
     """
     note = f"{len(clips):,} clips sampled from the first lines of each folder ({sampled_from:,} lines in all)"
-    images, artifacts = {}, {}
     durations = [c.duration for c in clips if c.duration is not None]
-    plots = [(DURATIONS_KEY, "durations.png", [Panel("Clip duration", "seconds", durations)], 1, "Clip durations")]
     quality = [Panel(title, unit, [getattr(c, name) for c in clips if getattr(c, name) is not None])
                for name, title, unit in QUALITY_PANELS]
-    plots.append((QUALITY_KEY, "quality.png", quality, 2, "Quality distributions"))
-    for key, name, panels, columns, what in plots:
+    plots = []
+    for key, name, panels, columns, title in (
+        (DURATIONS_KEY, "durations.png", [Panel("Clip duration", "seconds", durations)], 1, "Clip durations"),
+        (QUALITY_KEY, "quality.png", quality, 2, "Quality distributions"),
+    ):
         if not any(p.values for p in panels):
-            continue
+            continue  # e.g. no quality fields: a run without them gets no empty picture
         png = histogram_png(panels, columns=columns, note=note)
         relative = f"{REPORT_DIR}/{name}"
         store.write_bytes(relative, png)
-        images[key] = store.display(relative)
-        artifacts[key] = create_image_artifact(
-            image_url=data_url(png), key=key, description=f"{what} ({note}); PNG at {images[key]}",
-        )
-    return images, artifacts
+        path, url = store.display(relative), data_url(png)
+        artifact = create_image_artifact(image_url=url, key=key, description=f"{title} ({note}); PNG at {path}")
+        plots.append(Plot(key=key, title=title, path=path, url=url, artifact=artifact))
+    return plots
 
 
 def run_report_markdown(
     reports: Sequence[FolderReport], store: Store, wall_seconds: float, audio_root: str | None,
-    exports: Sequence[tuple[str, str]], stale_folders: Sequence[str], images: dict[str, str],
+    exports: Sequence[tuple[str, str]], stale_folders: Sequence[str], plots: Sequence[Plot] = (),
     max_errors: int = 20,
 ) -> str:
+    """Counts with new, reused and failed apart, throughput over the new work, locations, plots inline."""
     c = _counts(reports)
     root = store.display("").rstrip("/")
     rate = (f"**{c['new'] / wall_seconds:.2f} files/s** over the {c['new']:,} files this run produced "
@@ -330,8 +356,8 @@ def run_report_markdown(
     ]
     if audio_root:
         md.append(f"- audio: `{audio_root}`")
-    for key, path in images.items():
-        md.append(f"- plot `{key}`: `{path}`")
+    for plot in plots:
+        md.append(f"- {plot.title.lower()}: `{plot.path}`")
     if exports:
         md += ["", "## Exports", "", "| format | location |", "|---|---|"]
         md += [f"| {fmt} | {_link(path)} |" for fmt, path in exports]
@@ -343,35 +369,57 @@ def run_report_markdown(
         md += ["", f"## Errors (first {min(max_errors, len(errors))} of {len(errors)})", "",
                "| id | stage | error |", "|---|---|---|"]
         md += [f"| {_cell(e.id)} | {e.stage} | {_cell(_cut(e.error, 300))} |" for e in errors[:max_errors]]
+    for plot in plots:  # the UI's markdown renders data-URL images: counts and pictures on one page
+        md += ["", f"## {plot.title}", "", f"![{plot.title}]({plot.url})"]
     return "\n".join(md) + "\n"
 
 
 # -- 4. progress without a click -----------------------------------------------------------------
-def start_progress(total: int, unit: str = "shards", key: str = PROGRESS_KEY) -> UUID:
-    """The run's progress artifact, its description saying `0/total` (call before any work)."""
-    _logger().info("%s 0/%d done", unit, total)
-    return create_progress_artifact(
-        progress=0.0 if total else 100.0, key=key, description=f"{unit} 0/{total} done",
+def start_progress(total: int, unit: str = "shards", key: str = PROGRESS_KEY) -> Progress:
+    """The run's progress artifact, saying `0/total` (call in the run users open, before any work)."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    progress = Progress(
+        artifact=create_progress_artifact(
+            progress=0.0 if total else 100.0, key=key, description=f"{unit} 0/{total} done",
+        ),
+        total=total, unit=unit, flow_run_id=run.id if run else None, flow_run_name=run.name if run else None,
+        flow_name=context.flow.name if context and context.flow else None,
     )
+    _progress_logger(progress).info("%s 0/%d done", unit, total)
+    return progress
 
 
 def report_progress(
-    artifact_id: UUID, done: int, total: int, unit: str = "shards",
-    files_done: int | None = None, files_total: int | None = None,
+    progress: Progress, done: int, files_done: int | None = None, files_total: int | None = None
 ) -> None:
     """Log "shards done/total" and put it on the progress artifact; call as each one finishes.
 
-    The log line is what `prefect deployment run --watch` and the run's Logs tab show. Large runs
-    log at most every 5% (and the last one), so a 4,000-shard run writes ~20 lines, not 4,000.
+    The line goes to the run that started the progress even when called from a subflow, so the
+    Logs tab users open (and `prefect deployment run --watch`) shows it. Large runs log every 5%
+    (and the last one): a 4,000-shard run writes ~20 lines, not 4,000.
     """
-    text = f"{unit} {done}/{total} done"
+    total = progress.total
+    text = f"{progress.unit} {done}/{total} done"
     if files_total:
         text += f" ({files_done or 0:,}/{files_total:,} files)"
-    step, last = (lambda d: d * 20 // total), done >= total
-    if total <= 40 or last or step(done) != step(done - 1):
-        _logger().info(text)
-    if total <= 200 or last or (done * 100 // total) != ((done - 1) * 100 // total):
-        update_progress_artifact(artifact_id, progress=100.0 * done / total if total else 100.0, description=text)
+    last = done >= total
+    if total <= 40 or last or done * 20 // total != (done - 1) * 20 // total:
+        _progress_logger(progress).info(text)
+    if total <= 200 or last or done * 100 // total != (done - 1) * 100 // total:
+        update_progress_artifact(
+            progress.artifact, progress=100.0 * done / total if total else 100.0, description=text,
+        )
+
+
+def _progress_logger(progress: Progress) -> logging.Logger | logging.LoggerAdapter:
+    if progress.flow_run_id is None:
+        return _logger()
+    # Prefect's API log handler sends a record to the run named in it, whatever run is current.
+    return logging.LoggerAdapter(logging.getLogger("prefect.flow_runs"), {
+        "flow_run_id": str(progress.flow_run_id), "flow_run_name": progress.flow_run_name,
+        "flow_name": progress.flow_name,
+    })
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from prefect.context import FlowRunContext
 from prefect.logging.handlers import APILogHandler
 
 from flows.artifacts import (
+    Progress,
     clip_of,
     publish_run_artifacts,
     report_progress,
@@ -108,12 +109,18 @@ def publish_flow(reports: list[FolderReport], results_root: str, audio_root: str
     return FlowRunContext.get().flow_run.id
 
 
-@flow(name="progress-test")
-def progress_flow(total: int) -> UUID:
-    progress = start_progress(total)
-    for done in range(1, total + 1):
-        report_progress(progress, done, total, files_done=10 * done, files_total=10 * total)
+@flow(name="progress-shards")
+def report_shards(progress: Progress) -> UUID:
+    for done in range(1, progress.total + 1):
+        report_progress(progress, done, files_done=10 * done, files_total=10 * progress.total)
     return FlowRunContext.get().flow_run.id
+
+
+@flow(name="progress-test")
+def progress_flow(total: int) -> tuple[UUID, UUID]:
+    """Progress started by the run users open, reported from a subflow (as the pipeline does)."""
+    progress = start_progress(total)
+    return FlowRunContext.get().flow_run.id, report_shards(progress)
 
 
 def artifacts_of(run_id: UUID) -> dict:
@@ -204,6 +211,9 @@ def test_run_report_counts_work_apart_and_names_locations(published, corpus):
     assert "| hf | [https://example.org/ds](https://example.org/ds) |" in md
     assert "| p226/p226_009_mic2.flac | transcribe | HTTP 400: not audio \\| bad header |" in md
     assert f"`{results}/_report/durations.png`" in md
+    # The plots are inline too: the same PNGs as the image artifacts, under their titles.
+    for key, title in (("clip-durations", "Clip durations"), ("clip-quality", "Quality distributions")):
+        assert f"## {title}\n\n![{title}]({published[key].data})" in md
     assert report.description.startswith("7 files: 4 new, 2 reused, 1 failed, 1 flagged")
 
 
@@ -222,19 +232,20 @@ def test_a_folder_that_cannot_be_read_is_named_and_the_rest_published(prefect_ha
     assert any(m.startswith("folder p1 left out of the plots: " + bad) for m in messages), messages
 
 
-def test_progress_is_logged_and_on_the_artifact(prefect_harness):
-    run_id = progress_flow(3)
+def test_progress_is_logged_on_the_run_users_open_and_on_its_artifact(prefect_harness):
+    run_id, subflow_id = progress_flow(3)
     messages = logs_of(run_id)
     assert [m for m in messages if m.startswith("shards ")] == [
         "shards 0/3 done", "shards 1/3 done (10/30 files)", "shards 2/3 done (20/30 files)",
         "shards 3/3 done (30/30 files)",
     ]
+    assert not [m for m in logs_of(subflow_id) if m.startswith("shards ")]
     progress = artifacts_of(run_id)["progress"]
     assert (progress.data, progress.description) == (100.0, "shards 3/3 done (30/30 files)")
 
 
 def test_progress_of_a_large_run_logs_every_five_percent(prefect_harness):
-    run_id = progress_flow(400)
+    run_id, _ = progress_flow(400)
     shard_lines = [m for m in logs_of(run_id) if m.startswith("shards ")]
     assert shard_lines[0] == "shards 0/400 done" and shard_lines[-1] == "shards 400/400 done (4,000/4,000 files)"
     assert len(shard_lines) == 21  # 0/400, then 20, 40, ... 400
