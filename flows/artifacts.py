@@ -207,19 +207,24 @@ def publish_samples(
 
 
 def sample_rows(clips: Sequence[Clip], report: FolderReport, max_errors: int) -> list[dict[str, Any]]:
-    """Table rows with the same columns for lines and errors (the UI takes columns from the rows)."""
+    """Lines, then errors, in the same columns (the UI takes its columns from the rows).
+
+    `status` says which a row is; a failed row's text is why it failed, so the message sits in the
+    wide column instead of one more column past the right edge.
+    """
     with_flags = any(c.has_quality for c in clips)
     rows = []
     for c in clips:
-        row = {"id": c.id, "duration_s": _round(c.duration, 2), "tokens": c.tokens}
+        row = {"id": c.id, "status": "flagged" if c.flags else "ok", "duration_s": _round(c.duration, 2),
+               "tokens": c.tokens}
         if with_flags:
-            row["flags"] = ", ".join(c.flags) or "-"
-        rows.append({**row, "text": _cut(c.text), "error": ""})
+            row["flags"] = ", ".join(c.flags) or "none"  # not "-": the UI renders cells as markdown (a bullet)
+        rows.append({**row, "text": _cut(c.text)})
     for e in report.errors[:max_errors]:
-        row = {"id": e.id, "duration_s": "", "tokens": ""}
+        row = {"id": e.id, "status": f"failed: {e.stage}", "duration_s": "", "tokens": ""}
         if with_flags:
             row["flags"] = ""
-        rows.append({**row, "text": "", "error": _cut(f"{e.stage}: {e.error}", 300)})
+        rows.append({**row, "text": _cut(e.error)})
     return rows
 
 
@@ -368,7 +373,7 @@ def run_report_markdown(
     if errors:
         md += ["", f"## Errors (first {min(max_errors, len(errors))} of {len(errors)})", "",
                "| id | stage | error |", "|---|---|---|"]
-        md += [f"| {_cell(e.id)} | {e.stage} | {_cell(_cut(e.error, 300))} |" for e in errors[:max_errors]]
+        md += [f"| {_cell(e.id)} | {e.stage} | {_cell(_cut(e.error))} |" for e in errors[:max_errors]]
     for plot in plots:  # the UI's markdown renders data-URL images: counts and pictures on one page
         md += ["", f"## {plot.title}", "", f"![{plot.title}]({plot.url})"]
     return "\n".join(md) + "\n"

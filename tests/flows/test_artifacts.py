@@ -160,22 +160,32 @@ def test_one_folder_table_with_new_reused_failed_apart(published, corpus):
 
 def test_sample_table_from_lines_written_with_quality(published):
     rows = json.loads(published["samples-p225"].data)
-    assert [(r["id"], r["duration_s"], r["tokens"], r["flags"]) for r in rows] == [
-        ("p225/p225_001_mic2.flac", 1.5, 10, "-"),
-        ("p225/p225_002_mic2.flac", 3.0, 20, "repetition"),
-        ("p225/p225_003_mic2.flac", 4.5, 30, "-"),
+    assert [(r["id"], r["status"], r["duration_s"], r["tokens"], r["flags"]) for r in rows] == [
+        ("p225/p225_001_mic2.flac", "ok", 1.5, 10, "none"),
+        ("p225/p225_002_mic2.flac", "flagged", 3.0, 20, "repetition"),
+        ("p225/p225_003_mic2.flac", "ok", 4.5, 30, "none"),
     ]
-    assert rows[1]["text"] == "Please call Stella 2." and rows[1]["error"] == ""
+    assert rows[1]["text"] == "Please call Stella 2."
 
 
 def test_sample_table_takes_quality_from_intermediates_and_lists_errors(published):
     rows = json.loads(published["samples-p226"].data)
-    assert [(r["id"], r["duration_s"], r["tokens"], r["flags"], r["error"]) for r in rows] == [
-        ("p226/p226_001_mic2.flac", 2.25, 6, "low_confidence", ""),
-        ("p226/p226_002_mic2.flac", 4.5, 7, "-", ""),
-        ("p226/p226_009_mic2.flac", "", "", "", "transcribe: HTTP 400: not audio | bad header"),
+    assert [tuple(r.values()) for r in rows] == [
+        ("p226/p226_001_mic2.flac", "flagged", 2.25, 6, "low_confidence", "Ask her 1 | things."),
+        ("p226/p226_002_mic2.flac", "ok", 4.5, 7, "none", "Ask her 2 | things."),
+        ("p226/p226_009_mic2.flac", "failed: transcribe", "", "", "", "HTTP 400: not audio | bad header"),
     ]
     assert "first 2 of 2 lines, first 1 of 1 errors" in published["samples-p226"].description
+
+
+def test_without_quality_fields_there_is_no_flags_column(prefect_harness, tmp_path):
+    store = Store(str(tmp_path))
+    store.write_lines("p1.jsonl", [OutputLine(id="p1/a.flac", transcription="Hi.", token_array=[1, 2])])
+    store.write_record("transcriptions", Transcription(
+        id="p1/a.flac", text="Hi.", language="en", duration=0.5, model="tiny.en", service_url="x", source=SOURCE))
+    reports = [FolderReport(folder="p1", files=1, lines=1, new=1, jsonl=store.display("p1.jsonl"))]
+    rows = json.loads(artifacts_of(publish_flow(reports, str(tmp_path), str(tmp_path)))["samples-p1"].data)
+    assert rows == [{"id": "p1/a.flac", "status": "ok", "duration_s": 0.5, "tokens": 2, "text": "Hi."}]
 
 
 @pytest.mark.parametrize("key, name", [("clip-durations", "durations.png"), ("clip-quality", "quality.png")])
