@@ -170,7 +170,10 @@ async def transcribe_upload(
     if not data:
         raise ServiceError(400, "empty_upload", "empty upload: the 'file' field has 0 bytes")
     try:
-        audio = await run_in_threadpool(decode_audio, data, max_seconds=state.settings.max_audio_seconds)
+        audio = await run_in_threadpool(
+            decode_audio, data, max_seconds=state.settings.max_audio_seconds,
+            max_samples=state.settings.max_decoded_samples,
+        )
     except AudioDecodeError as e:
         raise ServiceError(400, "not_audio", f"{e}; send FLAC, WAV or OGG audio") from e
     language = (language or "").strip().lower() or state.settings.language
