@@ -7,7 +7,6 @@ The memory test measures this process's peak resident set (VmHWM, reset through
 from __future__ import annotations
 
 import io
-import struct
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from tests.reliability.corpus import GOOD, demo_audio
+from tests.reliability.corpus import GOOD, absurd_rate_wav, channel_bomb_flac, demo_audio
 from tests.whisper_service.conftest import MakeService, service_settings, wait_ready
 from whisper_service.audio import (
     AudioDecodeError,
@@ -29,25 +28,8 @@ from whisper_service.audio import (
 MIB = 1024 * 1024
 
 
-def bomb_flac(seconds: int = 60, rate: int = 192_000, channels: int = 8) -> bytes:
-    """`seconds` of `channels`-channel silence at `rate`, written block by block (never whole)."""
-    buffer = io.BytesIO()
-    with sf.SoundFile(buffer, "w", rate, channels, format="FLAC", subtype="PCM_16") as f:
-        block = np.zeros((rate, channels), np.float32)
-        for _ in range(seconds):
-            f.write(block)
-    return buffer.getvalue()
-
-
-def wav_with_rate(rate: int) -> bytes:
-    """One second of a real clip as 16-bit WAV whose header then claims `rate` Hz."""
-    buffer = io.BytesIO()
-    sf.write(buffer, demo_audio(0)[:16_000], 16_000, format="WAV", subtype="PCM_16")
-    data = bytearray(buffer.getvalue())
-    assert data[:4] == b"RIFF" and data[12:16] == b"fmt " and struct.unpack("<I", data[24:28]) == (16_000,)
-    data[24:28] = struct.pack("<I", rate)
-    data[28:32] = struct.pack("<I", (rate * 2) & 0xFFFFFFFF)  # byte rate, as a writer would set it
-    return bytes(data)
+bomb_flac = channel_bomb_flac
+wav_with_rate = absurd_rate_wav
 
 
 def peak_rss_during(fn) -> tuple[object, float]:
