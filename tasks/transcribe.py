@@ -1,11 +1,15 @@
 """HTTP client of the Whisper service and the transcription stage of a shard.
 
 Retries with exponential backoff on connection errors, timeouts and 5xx only: a 4xx means the
-file itself is bad (not audio, too large), and sending it again cannot help.
+file itself is bad (not audio, too large), and sending it again cannot help. A 429 is the one
+exception: the service is busy, not the file bad, so the client waits the `Retry-After` it was
+given (plus jitter, so many clients do not come back in step) and sends again without counting a
+retry, for at most `http_timeout_s` of waiting in all.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import get_args
@@ -37,8 +41,16 @@ class ServiceRejectedError(ServiceError, ValueError):
         self.reason = reason
 
 
+class ServiceOverloadedError(ServiceError):
+    """The service kept answering 429 (queue full) for longer than the client may wait."""
+
+
+DEFAULT_RETRY_AFTER_S = 1.0  # when a 429 has no usable Retry-After header
+JITTER = 0.5  # each wait is Retry-After x uniform(1, 1 + JITTER): clients spread out, never early
+
+
 class ServiceClient:
-    """A pooled httpx client for `POST /transcribe`, with bounded retries."""
+    """A pooled httpx client for `POST /transcribe`, with bounded retries and 429 waits."""
 
     def __init__(self, settings: PipelineSettings) -> None:
         headers = {}
@@ -72,32 +84,56 @@ class ServiceClient:
         """Transcribe one file's bytes; returns the service's JSON.
 
         Raises:
-            ServiceRejectedError: 4xx (bad file, bad token): not retried.
+            ServiceRejectedError: 4xx but 429 (bad file, bad token): not retried.
+            ServiceOverloadedError: still 429 after `http_timeout_s` of waiting.
             ServiceError: still failing after `http_retries` retries.
         """
         form = {"language": language} if language else None
         delay = self.settings.http_backoff_s
         last: str = ""
-        for attempt in range(self.settings.http_retries + 1):
-            if attempt:
-                time.sleep(delay)
-                delay *= 2
+        waited = 0.0  # seconds spent honouring 429s: bounded, and not counted as retries
+        attempt = 0
+        while attempt <= self.settings.http_retries:
             try:
                 response = self._client.post(
                     "/transcribe", files={"file": (filename, data)}, data=form
                 )
             except httpx.TransportError as e:  # connect/read errors and timeouts
                 last = f"{type(e).__name__}: {e}"
-                continue
-            if response.status_code < 400:
-                return response.json()
-            reason = _error_reason(response)
-            if response.status_code < 500:
-                raise ServiceRejectedError(response.status_code, reason)
-            last = f"{response.status_code}: {reason}"
+            else:
+                if response.status_code == 429:
+                    pause = self._overload_pause(response, waited)
+                    time.sleep(pause)
+                    waited += pause
+                    continue
+                if response.status_code < 400:
+                    return response.json()
+                reason = _error_reason(response)
+                if response.status_code < 500:
+                    raise ServiceRejectedError(response.status_code, reason)
+                last = f"{response.status_code}: {reason}"
+            attempt += 1
+            if attempt <= self.settings.http_retries:
+                time.sleep(delay)
+                delay *= 2
         raise ServiceError(
             f"{self.url}/transcribe failed after {self.settings.http_retries + 1} attempts: {last}"
         )
+
+    def _overload_pause(self, response: httpx.Response, waited: float) -> float:
+        """How long to wait after a 429; raises once the total wait would pass `http_timeout_s`."""
+        budget = self.settings.http_timeout_s - waited
+        if budget <= 0:
+            raise ServiceOverloadedError(
+                f"{self.url}/transcribe still overloaded (429) after waiting {waited:.0f} s: "
+                f"{_error_reason(response)}"
+            )
+        try:
+            retry_after = max(0.0, float(response.headers.get("Retry-After", "")))
+        except ValueError:  # absent, or an HTTP date: fall back to a short default
+            retry_after = DEFAULT_RETRY_AFTER_S
+        retry_after = retry_after or DEFAULT_RETRY_AFTER_S
+        return min(budget, retry_after * random.uniform(1.0, 1.0 + JITTER))
 
 
 def check_service(settings: PipelineSettings) -> dict:

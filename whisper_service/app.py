@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from whisper_service.batching import Batcher
+from whisper_service.batching import Batcher, QueueFullError
 from whisper_service.engines import load_engine
 from whisper_service.engines.base import Engine
 from whisper_service.engines.models import resolve_model
@@ -70,6 +70,7 @@ def create_app(
     app.include_router(router)
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(QueueFullError, _queue_full)  # type: ignore[arg-type]
     app.add_middleware(RequestGuard, settings=settings, metrics=state.metrics)
     paths = frozenset(getattr(route, "path", "") for route in router.routes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, paths=paths)  # outermost: sees all
@@ -99,8 +100,9 @@ async def _load_and_start(
             state.load_error = f"{type(e).__name__}: {e}"
             return
     s = state.settings
-    batcher = Batcher(engine, s.max_batch_size, s.max_wait_ms, state.metrics.observe_batch)
+    batcher = Batcher(engine, s.max_batch_size, s.max_wait_ms, state.metrics, max_queue=s.max_queue)
     batcher.start()
+    state.metrics.track_queues(batcher.depth)
     state.batcher, state.engine = batcher, engine
     state.metrics.model_loaded.set(1)
     logger.info("ready: %s %s on %s", engine.name, engine.model_name, engine.device)
@@ -204,3 +206,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         problems.append(f"{location or 'request'}: {error.get('msg', 'invalid')}")
     request.app.state.service.metrics.error("invalid_request")
     return _error_response(422, "; ".join(problems))
+
+
+async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+    """Backpressure: 429 with `Retry-After` (seconds), so clients wait instead of piling on."""
+    request.app.state.service.metrics.error("overloaded")
+    return _error_response(429, str(exc), {"Retry-After": str(exc.retry_after_s)})

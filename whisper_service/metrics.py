@@ -15,11 +15,18 @@ Metric names are a stable interface (the pipeline's tests and dashboards read th
 - `whisper_batch_duration_seconds`: histogram of engine call wall time.
 - `whisper_request_duration_seconds{route}`: histogram of HTTP request wall time.
 - `whisper_model_loaded`: 1 once the model is loaded and /healthz answers 200, else 0.
+- `whisper_queue_depth{lane}`: clips waiting in each batcher lane (`short`, `long`), read at
+  scrape time; the batch being transcribed is not counted.
+- `whisper_rejected_total{lane}`: requests refused with 429 because the lane's queue was full.
+- `whisper_abandoned_total{reason}`: queued requests dropped before their engine call because
+  nobody waits for the answer: `disconnected` (the client closed the connection) or
+  `cancelled` (the handler was cancelled).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,7 +41,11 @@ ERROR_REASONS: Final = (
     "unauthorized",  # missing or wrong bearer token
     "not_ready",  # model still loading, or failed to load
     "engine_error",  # the engine raised: a server-side failure (500)
+    "overloaded",  # the batcher's queue was full (429 with Retry-After)
+    "client_gone",  # the client disconnected before its clip reached the engine (499)
 )
+LANES: Final = ("short", "long")
+ABANDON_REASONS: Final = ("disconnected", "cancelled")
 BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -75,6 +86,21 @@ class ServiceMetrics:
             registry=r,
         )
         self.model_loaded = Gauge("whisper_model_loaded", "1 once the model is loaded.", registry=r)
+        self.queue_depth = Gauge(
+            "whisper_queue_depth", "Clips waiting per batcher lane.", ["lane"], registry=r
+        )
+        self.rejected_requests = Counter(
+            "whisper_rejected", "Requests refused with 429: queue full.", ["lane"], registry=r
+        )
+        self.abandoned_requests = Counter(
+            "whisper_abandoned", "Queued requests dropped before the engine: nobody waits.",
+            ["reason"], registry=r,
+        )
+        for lane in LANES:
+            self.queue_depth.labels(lane=lane)
+            self.rejected_requests.labels(lane=lane)
+        for why in ABANDON_REASONS:
+            self.abandoned_requests.labels(reason=why)
         for reason in ERROR_REASONS:  # export zeros so rate() works before the first error
             self.errors.labels(reason=reason)
 
@@ -86,6 +112,17 @@ class ServiceMetrics:
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_duration.observe(seconds)
+
+    def rejected(self, lane: str) -> None:
+        self.rejected_requests.labels(lane=lane).inc()
+
+    def abandoned(self, reason: str) -> None:
+        self.abandoned_requests.labels(reason=reason).inc()
+
+    def track_queues(self, depth: Callable[[str], int]) -> None:
+        """Read each lane's depth from `depth(lane)` whenever /metrics is scraped."""
+        for lane in LANES:
+            self.queue_depth.labels(lane=lane).set_function(lambda lane=lane: depth(lane))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, negotiated from the Accept header."""

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from whisper_service.audio import AudioDecodeError, decode_audio
-from whisper_service.batching import Batcher, BatcherClosedError
+from whisper_service.batching import Batcher, BatcherClosedError, ClientGoneError, DisconnectCheck, QueueFullError
 from whisper_service.engines.base import Engine, Transcript
 from whisper_service.metrics import ServiceMetrics
 from whisper_service.schemas import (
@@ -77,16 +77,18 @@ LanguageDep = Annotated[
     str | None, Form(description="ISO 639-1 code, e.g. 'en'; empty: the service default.")
 ]
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 500, 503)}
 router = APIRouter()
 
 
 @router.post("/transcribe", response_model=TranscriptionResponse, responses=ERRORS)
 async def transcribe(
-    state: ServiceDep, file: UploadDep, language: LanguageDep = None
+    state: ServiceDep, request: Request, file: UploadDep, language: LanguageDep = None
 ) -> TranscriptionResponse:
     """Transcribe one uploaded clip."""
-    engine, transcript = await transcribe_upload(state, file, language, route="/transcribe")
+    engine, transcript = await transcribe_upload(
+        state, file, language, route="/transcribe", is_disconnected=request.is_disconnected
+    )
     return TranscriptionResponse(
         text=transcript.text,
         language=transcript.language,
@@ -151,7 +153,8 @@ async def metrics(state: ServiceDep, request: Request) -> Response:
 
 
 async def transcribe_upload(
-    state: ServiceState, upload: UploadFile, language: str | None, *, route: str
+    state: ServiceState, upload: UploadFile, language: str | None, *, route: str,
+    is_disconnected: DisconnectCheck | None = None,
 ) -> tuple[Engine, Transcript]:
     """Shared by both transcription routes: validate, decode, batch, count.
 
@@ -170,12 +173,19 @@ async def transcribe_upload(
     if not data:
         raise ServiceError(400, "empty_upload", "empty upload: the 'file' field has 0 bytes")
     try:
-        audio = await run_in_threadpool(decode_audio, data, max_seconds=state.settings.max_audio_seconds)
+        audio = await run_in_threadpool(
+            decode_audio, data, max_seconds=state.settings.max_audio_seconds,
+            max_samples=state.settings.max_decoded_samples,
+        )
     except AudioDecodeError as e:
         raise ServiceError(400, "not_audio", f"{e}; send FLAC, WAV or OGG audio") from e
     language = (language or "").strip().lower() or state.settings.language
     try:
-        transcript = await batcher.transcribe(audio, language)
+        transcript = await batcher.transcribe(audio, language, is_disconnected=is_disconnected)
+    except QueueFullError:
+        raise  # the app's handler answers 429 with Retry-After
+    except ClientGoneError as e:  # nobody reads this answer; 499 keeps it out of the 5xx counts
+        raise ServiceError(499, "client_gone", str(e)) from e
     except BatcherClosedError as e:
         raise ServiceError(503, "not_ready", str(e)) from e
     except ValueError as e:  # engines raise ValueError for what the request asked (e.g. language)

@@ -14,7 +14,7 @@ from typing import Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from whisper_service.audio import MAX_AUDIO_SECONDS
+from whisper_service.audio import MAX_AUDIO_SECONDS, MAX_DECODED_SAMPLES
 from whisper_service.engines import DeviceName, EngineName
 
 MB = 1024 * 1024
@@ -47,6 +47,14 @@ class WhisperServiceSettings(BaseSettings):
     max_upload_bytes: int = Field(100 * MB, ge=1, description="Largest accepted audio upload.")
     max_audio_seconds: float = Field(
         MAX_AUDIO_SECONDS, gt=0, description="Longest accepted audio once decoded (FLAC packs silence ~1000:1)."
+    )
+    max_decoded_samples: int = Field(
+        MAX_DECODED_SAMPLES, ge=1,
+        description="Most raw samples (frames x channels) decoded from one upload, checked from the header.",
+    )
+    max_queue: int = Field(
+        64, ge=1,
+        description="Clips waiting per lane (short, long) before the service answers 429 with Retry-After.",
     )
     language: str | None = Field(
         None, description="Language used when a request names none; None lets the model decide."

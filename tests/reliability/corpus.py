@@ -58,6 +58,29 @@ def unknown_length_flac() -> bytes:
     return bytes(good)
 
 
+def absurd_rate_wav(rate: int = 2**31 - 1) -> bytes:
+    """One second of a demo clip as a 16-bit WAV whose header claims `rate` Hz.
+
+    Before #13 the service resampled it to 0 samples and answered 200 with "" (and tokens []).
+    """
+    data = bytearray(encode(demo_audio(0)[:16_000], fmt="WAV", subtype="PCM_16"))
+    assert data[12:16] == b"fmt " and int.from_bytes(data[24:28], "little") == 16_000
+    data[24:28] = rate.to_bytes(4, "little")
+    data[28:32] = (rate * 2 & 0xFFFFFFFF).to_bytes(4, "little")  # byte rate, as a writer sets it
+    return bytes(data)
+
+
+def channel_bomb_flac(seconds: int = 60, rate: int = 192_000, channels: int = 8) -> bytes:
+    """`seconds` of `channels`-channel silence at `rate` (~91 KiB for the defaults), written block
+    by block. Decoded whole it is 92 M float32 samples: 350 MiB from a 91 KiB upload."""
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", rate, channels, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((rate, channels), np.float32)
+        for _ in range(seconds):
+            f.write(block)
+    return buffer.getvalue()
+
+
 # id -> "line" or the set of stages its error lines must name
 Expected = dict[str, "str | set[str]"]
 
@@ -81,6 +104,7 @@ def build_bad_corpus(root: Path) -> Expected:
     put("bad/zero_samples.flac", header_only_flac(), {"decode", "transcribe"})
     put("bad/truncated.flac", GOOD[2].read_bytes()[: GOOD[2].stat().st_size // 2], {"decode"})
     put("bad/random_bytes.flac", rng.bytes(8192), {"decode"})
+    put("bad/absurd_rate_2e31hz.flac", absurd_rate_wav(), {"decode"})  # a WAV, named .flac
     put("odd/streamed_unknown_length.flac", unknown_length_flac(), "line")
     put("odd/wav_named.flac", encode(clip, fmt="WAV", subtype="PCM_16"), "line")
     put("odd/short_0.1s.flac", encode(clip[:1_600]), "line")

@@ -8,16 +8,18 @@ any part of a request, env-configured limits, and a bounded load run (bench/serv
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 
 from bench.service_load import run_load, verdict
 from tests.reliability.conftest import AUTH, TOKEN, ServiceProcess
 from tests.reliability.conftest import UPLOAD_LIMIT as LIMIT
-from tests.reliability.corpus import GOOD, header_only_flac, unknown_length_flac
+from tests.reliability.corpus import GOOD, absurd_rate_wav, channel_bomb_flac, header_only_flac, unknown_length_flac
 from whisper_service.app import OPEN_PATHS, create_app
 from whisper_service.settings import WhisperServiceSettings
 
@@ -107,6 +109,38 @@ def test_flac_of_unknown_length_is_decoded_or_refused_with_a_4xx(service):
     known = post(service.url, files={"file": ("k.flac", GOOD[0].read_bytes(), "audio/flac")})
     assert streamed.status_code == 200 and known.status_code == 200, (streamed.text, known.text)
     assert streamed.json()["text"] == known.json()["text"] != ""
+
+
+# --- decoding bounded by samples (#13) ---
+
+
+def peak_rss_rise_mib(pid: int, action) -> float:
+    """How far `pid`'s peak RSS (VmHWM, reset via /proc/<pid>/clear_refs) rose above its RSS
+    before `action()`. A sampled RSS could miss a transient array; the kernel's peak cannot."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        (proc / "clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("cannot reset the service's peak RSS (/proc/<pid>/clear_refs not writable)")
+    before = psutil.Process(pid).memory_info().rss
+    action()
+    hwm = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    return (hwm * 1024 - before) / (1024 * 1024)
+
+
+def test_channel_bomb_costs_bounded_memory_and_absurd_rate_is_a_400(service):
+    """Regression: a 91 KiB FLAC of 60 s 192 kHz 8-channel silence raised the service's memory by
+    440 MiB; a WAV saying 2^31-1 Hz answered 200 with an empty text."""
+    rate = post(service.url, files={"file": ("r.wav", absurd_rate_wav(), "audio/wav")})
+    assert rate.status_code == 400 and "sample rate 2147483647 Hz" in rate.json()["error"], rate.text
+    bomb = channel_bomb_flac()
+    assert len(bomb) < 120 * 1024
+    responses = []
+    rise = peak_rss_rise_mib(service.pid, lambda: responses.append(
+        post(service.url, files={"file": ("b.flac", bomb, "audio/flac")})))
+    assert responses[0].status_code == 200 and responses[0].json()["text"] == "", responses[0].text
+    assert rise < 64, f"service peak RSS rose {rise:.0f} MiB for a 91 KiB upload"
 
 
 # --- no filesystem path is ever taken from a request ---

@@ -1,0 +1,246 @@
+"""Backpressure: a bounded queue answers 429 + Retry-After, work for departed clients is dropped,
+long clips run in their own lane, and the pipeline's client waits through 429s.
+
+Real uvicorn on 127.0.0.1, real engines. Overload is made deterministic with `SlowEngine`: the
+real engine behind a fixed sleep per call (it also counts which clips reached the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
+
+from tasks.settings import PipelineSettings
+from tasks.transcribe import ServiceClient, ServiceOverloadedError
+from tests.whisper_service.conftest import DemoClip, MakeService, service_settings, wait_ready
+from whisper_service.batching import Batcher, QueueFullError
+from whisper_service.engines import Engine, load_engine
+from whisper_service.engines.base import Transcript
+from whisper_service.engines.convert import CACHE_ENV
+from whisper_service.metrics import ServiceMetrics
+
+
+class SlowEngine:
+    """A real engine behind a fixed delay per call; records the length of every clip it sees."""
+
+    def __init__(self, inner: Engine, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.name, self.model_name, self.device = inner.name, inner.model_name, inner.device
+        self.seen: list[int] = []
+        self._lock = threading.Lock()
+
+    def transcribe(self, batch: list[np.ndarray], language: str | None = None, *options: object) -> list[Transcript]:
+        with self._lock:
+            self.seen += [len(a) for a in batch]
+        time.sleep(self.delay_s)
+        return self.inner.transcribe(batch, language, *options)
+
+    def close(self) -> None:
+        pass
+
+
+def metric(url: str, family: str, **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for fam in text_string_to_metric_families(text) if fam.name == family
+        for sample in fam.samples
+        if not sample.name.endswith("_created") and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def flac_bytes(audio: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, 16_000, format="FLAC")
+    return buffer.getvalue()
+
+
+def silent_flac(samples: int) -> bytes:
+    """Silence of a chosen length: a real clip the engine answers "" for without the model."""
+    return flac_bytes(np.zeros(samples, np.float32))
+
+
+async def post_many(url: str, uploads: list[bytes], timeout_s: float = 60) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=64)) as client:
+        return await asyncio.gather(
+            *(client.post(f"{url}/transcribe", files={"file": ("c.flac", data)}) for data in uploads)
+        )
+
+
+def test_overload_answers_429_with_retry_after_and_never_5xx(make_service: MakeService, service_engine: Engine):
+    engine = SlowEngine(service_engine, delay_s=0.4)
+    url = make_service(service_settings(max_batch_size=1, max_queue=2, max_wait_ms=0), engine=engine)
+    wait_ready(url)
+    responses = asyncio.run(post_many(url, [silent_flac(16_000 + i) for i in range(12)]))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    rejected = [r for r in responses if r.status_code == 429]
+    assert rejected and statuses.count(200) >= 2  # at least a full queue (2) was served
+    for r in rejected:
+        assert int(r.headers["Retry-After"]) >= 1 and "overloaded" in r.json()["error"]
+    assert metric(url, "whisper_rejected", lane="short") == len(rejected)
+    assert metric(url, "whisper_errors", reason="overloaded") == len(rejected)
+    assert metric(url, "whisper_requests", status="500") == 0
+    assert len(engine.seen) == statuses.count(200)  # refused clips never reached the engine
+    assert metric(url, "whisper_queue_depth", lane="short") == 0  # drained
+
+
+def test_disconnected_clients_never_reach_the_engine(make_service: MakeService, service_engine: Engine):
+    """Regression (#13): 5 clients timed out at 0.2 s and all 5 clips still went through the engine."""
+    engine = SlowEngine(service_engine, delay_s=5)
+    url = make_service(service_settings(max_batch_size=1, max_wait_ms=0), engine=engine)
+    wait_ready(url)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{url}/transcribe", files={"file": ("a.flac", silent_flac(16_000))},
+                            timeout=60)
+        while not engine.seen:  # the engine is busy with the first clip
+            time.sleep(0.01)
+        for i in range(5):  # these wait in the queue behind it, then their clients give up
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/transcribe", files={"file": ("b.flac", silent_flac(20_000 + i))}, timeout=0.5)
+        assert first.result().status_code == 200
+    deadline = time.monotonic() + 30
+    while metric(url, "whisper_abandoned", reason="disconnected") < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.seen == [16_000], engine.seen  # only the client that waited got engine time
+    assert metric(url, "whisper_abandoned", reason="disconnected") == 5
+    assert metric(url, "whisper_queue_depth", lane="short") == 0
+    after = httpx.post(f"{url}/transcribe", files={"file": ("c.flac", silent_flac(24_000))}, timeout=60)
+    assert after.status_code == 200 and engine.seen == [16_000, 24_000]
+
+
+def test_cancelled_request_leaves_the_queue_before_the_engine(service_engine: Engine):
+    engine = SlowEngine(service_engine, delay_s=0.5)
+    metrics = ServiceMetrics()
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, max_batch_size=1, max_wait_ms=0, observer=metrics, max_queue=4)
+        batcher.start()
+        running = asyncio.create_task(batcher.transcribe(np.zeros(16_000, np.float32)))
+        while not engine.seen:
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(batcher.transcribe(np.zeros(17_000, np.float32)))
+        await asyncio.sleep(0.05)
+        assert batcher.depth("short") == 1
+        queued.cancel()
+        await asyncio.sleep(0)
+        assert batcher.depth("short") == 0
+        assert (await running).text == ""
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert engine.seen == [16_000]
+    assert metrics.abandoned_requests.labels(reason="cancelled")._value.get() == 1
+
+
+def test_full_queue_raises_before_queueing(service_engine: Engine):
+    engine = SlowEngine(service_engine, delay_s=0.5)
+
+    async def scenario() -> tuple[list, int]:
+        batcher = Batcher(engine, max_batch_size=1, max_wait_ms=0, max_queue=1)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.transcribe(np.zeros(16_000, np.float32)))]
+        while not engine.seen:  # the first is in the engine: the queue is empty again
+            await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(batcher.transcribe(np.zeros(16_001 + i, np.float32))) for i in range(3)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results, len(engine.seen)
+
+    results, calls = asyncio.run(scenario())
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    # the first runs, the second waits in the queue (size 1), the rest find it full
+    assert len(refused) == 2 and calls == 2
+    assert all(r.retry_after_s >= 1 and r.lane == "short" for r in refused)
+
+
+# --- long clips in their own lane ---
+
+
+@pytest.fixture(scope="module")
+def faster_engine(tmp_path_factory: pytest.TempPathFactory):
+    """faster-whisper tiny.en int8: CTranslate2 lets two calls overlap, so the lanes run side by side."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("ct2-cache")))
+        engine = load_engine("faster-whisper", "tiny.en", device="cpu")
+    yield engine
+    engine.close()
+
+
+def test_long_clip_does_not_delay_a_batch_of_short_clips(make_service: MakeService, faster_engine: Engine,
+                                                          demo_clips: list[DemoClip]):
+    """Regression (#13): a long clip ran inline in a batch and stalled the short ones behind it."""
+    url = make_service(service_settings(max_wait_ms=20), engine=faster_engine)
+    wait_ready(url)
+    long_audio = np.concatenate([c.audio for c in demo_clips] * 2)[: 90 * 16_000]  # 90 s of speech
+    assert len(long_audio) == 90 * 16_000
+    short = [flac_bytes(c.audio) for c in demo_clips[:4]]
+    done: dict[str, float] = {}
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            async def post(name: str, data: bytes) -> httpx.Response:
+                response = await client.post(f"{url}/transcribe", files={"file": (f"{name}.flac", data)})
+                done[name] = time.monotonic()
+                return response
+
+            long_task = asyncio.create_task(post("long", flac_bytes(long_audio)))
+            await asyncio.sleep(1.0)  # the long clip is in the engine now
+            started = time.monotonic()
+            shorts = await asyncio.gather(*(post(f"short{i}", d) for i, d in enumerate(short)))
+            done["short_latency"] = time.monotonic() - started
+            return [await long_task, *shorts]
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+    assert all(r.json()["text"] for r in responses)
+    assert max(done[f"short{i}"] for i in range(4)) < done["long"], done  # they did not wait for it
+
+
+# --- the pipeline's client waits through 429s ---
+
+
+def test_client_waits_through_429s_without_counting_failures(make_service: MakeService, service_engine: Engine,
+                                                              tmp_path: Path):
+    engine = SlowEngine(service_engine, delay_s=0.3)
+    url = make_service(service_settings(max_batch_size=1, max_queue=1, max_wait_ms=0), engine=engine)
+    wait_ready(url)
+    settings = PipelineSettings(audio_root=str(tmp_path), results_root=str(tmp_path / "r"), service_url=url,
+                                http_retries=0, http_concurrency=8, http_timeout_s=60)
+    uploads = [silent_flac(16_000 + i) for i in range(8)]
+    started = time.monotonic()
+    with ServiceClient(settings) as client, ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda d: client.transcribe(d, "c.flac"), uploads))
+    assert [b["text"] for b in bodies] == [""] * 8  # every clip answered, with no retry allowed
+    assert sorted(engine.seen) == sorted(16_000 + i for i in range(8))
+    assert metric(url, "whisper_rejected", lane="short") >= 1  # the client really was told 429
+    assert time.monotonic() - started < 30
+
+
+def test_client_gives_up_on_429_after_its_wait_budget(make_service: MakeService, service_engine: Engine,
+                                                       tmp_path: Path):
+    engine = SlowEngine(service_engine, delay_s=4)
+    url = make_service(service_settings(max_batch_size=1, max_queue=1, max_wait_ms=0), engine=engine)
+    wait_ready(url)
+    settings = PipelineSettings(audio_root=str(tmp_path), results_root=str(tmp_path / "r"), service_url=url,
+                                http_retries=0, http_timeout_s=1.5)
+    with ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(httpx.post, f"{url}/transcribe", files={"file": ("a.flac", silent_flac(16_000 + i))},
+                            timeout=60) for i in range(2)]
+        while len(engine.seen) < 1 or metric(url, "whisper_queue_depth", lane="short") < 1:
+            time.sleep(0.02)
+        started = time.monotonic()
+        with ServiceClient(settings) as client, pytest.raises(ServiceOverloadedError, match="429"):
+            client.transcribe(silent_flac(30_000), "c.flac")
+        assert time.monotonic() - started < 5  # waited its budget (1.5 s), not for ever
+        assert [f.result().status_code for f in busy] == [200, 200]
