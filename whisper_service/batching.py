@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from whisper_service.decode_options import DecodeOptions
 from whisper_service.engines.base import Engine, Transcript
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class _Request:
     audio: np.ndarray
     language: str | None
     future: asyncio.Future[Transcript] = field(repr=False)
+    options: DecodeOptions | None = None  # None: the engine's defaults
 
 
 class BatcherClosedError(RuntimeError):
@@ -87,11 +89,13 @@ class Batcher:
         self._pending.clear()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
-    async def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+    async def transcribe(
+        self, audio: np.ndarray, language: str | None = None, options: DecodeOptions | None = None
+    ) -> Transcript:
         """Queue one clip and wait for its own Transcript (or its own exception)."""
         if self._closed or self._worker is None:
             raise BatcherClosedError("batcher is not running")
-        request = _Request(audio, language, asyncio.get_running_loop().create_future())
+        request = _Request(audio, language, asyncio.get_running_loop().create_future(), options)
         self._pending.append(request)
         self._wakeup.set()
         return await request.future
@@ -99,8 +103,8 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             self._running = await self._gather()
-            for language, requests in _by_language(self._running).items():
-                await self._execute(requests, language)
+            for (language, options), requests in _by_language(self._running).items():
+                await self._execute(requests, language, options)
             self._running = []
 
     async def _gather(self) -> list[_Request]:
@@ -126,16 +130,18 @@ class Batcher:
                 batch.append(request)
         return batch
 
-    async def _execute(self, requests: list[_Request], language: str | None) -> None:
+    async def _execute(
+        self, requests: list[_Request], language: str | None, options: DecodeOptions | None = None
+    ) -> None:
         try:
-            transcripts = await self._call_engine([r.audio for r in requests], language)
+            transcripts = await self._call_engine([r.audio for r in requests], language, options)
         except Exception as error:  # forwarded to the callers, never swallowed
             if len(requests) > 1:
                 logger.warning(
                     "batch of %d failed (%s); retrying clips one by one", len(requests), error
                 )
                 for request in requests:
-                    await self._execute([request], language)
+                    await self._execute([request], language, options)
                 return
             _resolve(requests[0].future, error)
             return
@@ -143,13 +149,13 @@ class Batcher:
             _resolve(request.future, transcript)
 
     async def _call_engine(
-        self, audio: list[np.ndarray], language: str | None
+        self, audio: list[np.ndarray], language: str | None, options: DecodeOptions | None = None
     ) -> list[Transcript]:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             transcripts = await loop.run_in_executor(
-                self._executor, self.engine.transcribe, audio, language
+                self._executor, self.engine.transcribe, audio, language, options
             )
         finally:
             if self._observe is not None:
@@ -161,10 +167,12 @@ class Batcher:
         return transcripts
 
 
-def _by_language(batch: list[_Request]) -> dict[str | None, list[_Request]]:
-    groups: dict[str | None, list[_Request]] = {}
-    for request in batch:
-        groups.setdefault(request.language, []).append(request)
+def _by_language(
+    batch: list[_Request],
+) -> dict[tuple[str | None, DecodeOptions | None], list[_Request]]:
+    groups: dict[tuple[str | None, DecodeOptions | None], list[_Request]] = {}
+    for request in batch:  # one engine call per (language, decode options)
+        groups.setdefault((request.language, request.options), []).append(request)
     return groups
 
 
