@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.whisper_service.conftest import DEMO_DATA
+from whisper_service.audio import decode_audio
 from whisper_service.engines import ModelNotAvailableError, load_engine
-from whisper_service.engines.models import bundled_ct2_dir, resolve_model
+from whisper_service.engines.models import bundled_ct2_dir, resolve_model, weights_sha256
+
+# Golden output: faster-whisper's default options (int8, beam 5, fallback ladder) on
+# p225/p225_001_mic2.flac. A change here changes every transcript: bump DECODER_VERSION with it.
+GOLDEN_P225_001 = "The birch can you sleep on the smooth planks?"
 
 
 @pytest.fixture
@@ -72,12 +78,22 @@ def test_unknown_engine():
         load_engine("whisper.cpp", "tiny.en")  # type: ignore[arg-type]
 
 
-def test_faster_whisper_gets_the_bundled_directory_offline(monkeypatch: pytest.MonkeyPatch):
+def test_auto_is_faster_whisper_int8_on_cpu_offline_with_a_golden_transcript(
+    monkeypatch: pytest.MonkeyPatch,
+):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    engine = load_engine("faster-whisper", "tiny.en", device="cpu")
+    engine = load_engine("auto", "tiny.en", device="cpu")
     try:
         assert (engine.name, engine.model_name, engine.device) == ("faster-whisper", "tiny.en", "cpu")
         assert os.environ["HF_HUB_OFFLINE"] == "1"  # set before any faster-whisper code runs
+        options = engine.options
+        assert (options.engine, options.compute_type, options.beam_size) == ("faster-whisper", "int8", 5)
+        assert options.weights_sha256 == weights_sha256(bundled_ct2_dir())
+        audio = decode_audio((DEMO_DATA / "audio" / "p225" / "p225_001_mic2.flac").read_bytes())
+        [out] = engine.transcribe([audio])
+        assert out.text == GOLDEN_P225_001
+        assert (out.language, out.temperature, out.flags) == ("en", 0.0, ())
+        assert -1.0 < out.avg_logprob < 0 and 0 <= out.no_speech_prob < 0.6
     finally:
         engine.close()
 
