@@ -7,8 +7,9 @@ Each engine is loaded once; each preset decodes the whole corpus in batches of `
 WER (tests/wer.py: lowercase, no punctuation, word-level edit distance), seconds (best of
 `--repeats`), real-time factor, speed relative to the baseline (faster-whisper beam 5 with fallback,
 the in-process peer of issue 12) measured in the same run, and how many clips were flagged or kept
-a fallback temperature. With `--hard DIR` a second corpus (any VCTK-layout folder with a
-references.json, e.g. one made by tests/fixtures/speech.py with other voices) is scored too.
+a fallback temperature. With `--hard DIR` a second, harder corpus is scored too: the first 6
+Harvard sentences in 4 faster, non-US espeak-ng voices (tiny.en's greedy WER ~0.4 on them), made
+in DIR on first use (needs espeak-ng and sox, like tests/fixtures/speech.py).
 JSON goes to bench/results/quality-<cpu|gpu>.json.
 """
 
@@ -31,6 +32,26 @@ PRESETS: dict[str, dict[str, object]] = {
     "beam5+fallback": {"beam_size": 5},
 }
 BASELINE = ("faster-whisper", "beam5+fallback")
+
+
+# (voice, words per minute) per speaker of the hard corpus
+HARD_VOICES = {"h0": ("en-gb", 175), "h1": ("en-gb-scotland", 175), "h2": ("en-gb-x-rp", 190), "h3": ("en-029", 170)}
+HARD_SENTENCES = 6
+
+
+def make_hard_corpus(root: Path) -> None:
+    """Write the hard corpus (audio/ + references.json) under `root`, unless it is there."""
+    if (root / "references.json").is_file():
+        return
+    from tests.fixtures.speech import SENTENCES, speak
+
+    references = {}
+    for speaker, (voice, speed) in HARD_VOICES.items():
+        for j, text in enumerate(SENTENCES[:HARD_SENTENCES]):
+            clip_id = f"{speaker}/{speaker}_{j:03d}.flac"
+            speak(text, voice, root / "audio" / clip_id, speed)
+            references[clip_id] = text
+    (root / "references.json").write_text(json.dumps(references, indent=1, sort_keys=True) + "\n")
 
 
 def load_corpus(root: Path) -> tuple[list[str], list, list[str]]:
@@ -59,13 +80,20 @@ def main() -> None:
     parser.add_argument("--engines", default="openai-whisper,faster-whisper")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--hard", type=Path, default=None, help="A second corpus (audio/ + references.json).")
+    parser.add_argument("--hard", type=Path, default=None, help="Also score the hard corpus, made here on first use.")
+    parser.add_argument(
+        "--skip", default="",
+        help="Comma-separated engine/preset[/corpus] runs to leave out, e.g. openai-whisper/beam5 "
+        "(openai-whisper's beam search is slow on CPU).",
+    )
     args = parser.parse_args()
+    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
 
     from whisper_service.engines import load_engine
 
     corpora = {"demo": load_corpus(DEMO_AUDIO.parent)}
     if args.hard is not None:
+        make_hard_corpus(args.hard)
         corpora["hard"] = load_corpus(args.hard)
     results: list[dict] = []
     for engine_name in args.engines.split(","):
@@ -74,6 +102,9 @@ def main() -> None:
         for preset, knobs in PRESETS.items():
             options = DecodeOptions.model_validate(engine.options.model_dump() | knobs)
             for corpus, (ids, clips, refs) in corpora.items():
+                if any(f"{engine_name}/{preset}/{corpus}".startswith(s) and
+                       f"{engine_name}/{preset}/{corpus}"[len(s):len(s) + 1] in ("", "/") for s in skip):
+                    continue
                 seconds, out = run_preset(engine, options, clips, args.batch_size, args.repeats)
                 audio_s = sum(len(c) for c in clips) / 16_000
                 row = {
