@@ -26,8 +26,9 @@ DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whis
 
 ResolvedEngine = Literal["openai-whisper", "faster-whisper"]
 # Beam width when the settings name none. faster-whisper batches beam search in C++ (its own
-# default is 5); openai-whisper's beam search is a Python loop per step and beam: 5x the time of
-# greedy on the demo corpus for 0.157 vs 0.164 WER (bench/quality.py), so greedy.
+# default is 5); openai-whisper's beam search is a Python loop per step and beam: on the demo
+# corpus beam 5 took 2x the time of greedy (both with fallback) for WER 0.157 vs 0.164
+# (bench/results/quality-cpu.json), so greedy; its fallback recovers more on hard clips.
 ENGINE_BEAM_SIZE: dict[str, int] = {"faster-whisper": 5, "openai-whisper": 1}
 
 
@@ -44,7 +45,7 @@ class DecodeKnobs(BaseModel):
         ge=1,
         le=32,
         description="Beam width at temperature 0 (1 = greedy); None: the engine's default "
-        "(faster-whisper 5; openai-whisper 1, where beam 5 cost 5x the time for -0.007 WER).",
+        "(faster-whisper 5; openai-whisper 1, where beam 5 cost 2x the time for -0.007 WER).",
     )
     best_of: int = Field(5, ge=1, le=32, description="Samples per clip at temperature > 0.")
     temperatures: tuple[float, ...] = Field(

@@ -36,10 +36,12 @@ def cuda_available() -> bool:
 def pick_engine(engine: EngineChoice, device: DeviceName = "auto") -> Literal["openai-whisper", "faster-whisper"]:
     """Resolve `--engine auto` by measurement on the hardware found.
 
-    CPU: faster-whisper int8. On the demo corpus (bench/quality.py, bench/results/quality-cpu.json)
-    it is faster than openai-whisper float32 at equal or better WER with the same decode preset,
-    and issue 12 measured the same on real speech. CUDA: openai-whisper fp16, the product's
-    engine of record, until a GPU run of bench/quality.py says otherwise.
+    CPU: faster-whisper int8. With each engine's default preset (faster-whisper beam 5,
+    openai-whisper greedy, both with the fallback ladder) it had the lower WER on the demo corpus
+    (0.151 vs 0.164) and on the harder espeak-ng set (bench/quality.py,
+    bench/results/quality-cpu.json) in about half the time; issue 12 measured the same on real
+    speech. CUDA: openai-whisper fp16, the product's engine of record, until a GPU run of
+    bench/quality.py says otherwise.
     """
     if engine != "auto":
         return engine

@@ -244,10 +244,10 @@ def from_segments(
     avg_logprob = sum(s[3] * max(s[6], 1) for s in segments) / tokens if segments else None
     no_speech = sum(s[4] for s in segments) / len(segments) if segments else None
     temperature = max((s[5] for s in segments), default=None)
-    exhausted = bool(options.has_fallback and segments and any(
-        s[5] >= options.temperatures[-1] and s[3] < (options.log_prob_threshold or float("-inf"))
-        for s in segments
-    ))
+    threshold = options.log_prob_threshold
+    exhausted = options.has_fallback and threshold is not None and any(
+        s[5] >= options.temperatures[-1] and s[3] < threshold for s in segments
+    )
     return Transcript(
         text=text,
         language=language,
