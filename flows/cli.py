@@ -34,17 +34,39 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1; WHISPER_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default 8000; WHISPER_PORT).")
-@click.option("--engine", type=click.Choice(["openai-whisper", "faster-whisper"]), default=None)
+@click.option("--engine", type=click.Choice(["auto", "openai-whisper", "faster-whisper"]), default=None,
+              help="auto (default): faster-whisper int8 on CPU, openai-whisper fp16 on CUDA; WHISPER_ENGINE.")
 @click.option("--model", default=None, help="tiny.en (bundled, offline) or a local path.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--max-batch-size", type=int, default=None, help="Requests per batched forward pass.")
 @click.option("--max-wait-ms", type=float, default=None, help="How long to gather a batch.")
-def serve(**flags) -> None:
+@click.option("--language", default=None, help="Language when a request names none (default: detect).")
+@click.option("--beam-size", type=int, default=None,
+              help="Beam width at temperature 0 (default: faster-whisper 5, openai-whisper 1).")
+@click.option("--best-of", type=int, default=None, help="Samples per clip at fallback temperatures (default 5).")
+@click.option("--temperatures", default=None,
+              help="Fallback ladder, comma-separated (default 0,0.2,0.4,0.6,0.8,1); '0' turns fallback off.")
+@click.option("--compression-ratio-threshold", type=float, default=None, help="Re-decode above this (default 2.4).")
+@click.option("--log-prob-threshold", type=float, default=None, help="Re-decode below this (default -1.0).")
+@click.option("--no-speech-threshold", type=float, default=None, help="Silence above this (default 0.6).")
+@click.option("--compute-type", default=None, help="auto (default), float32, float16, int8, ...")
+@click.option("--initial-prompt", default=None, help="Text every decode is conditioned on.")
+def serve(temperatures: str | None, **flags) -> None:
     """Run the Whisper transcription service (FastAPI)."""
     from whisper_service.app import serve as serve_app
     from whisper_service.settings import WhisperServiceSettings
 
-    serve_app(WhisperServiceSettings(**{k: v for k, v in flags.items() if v is not None}))
+    values = {k: v for k, v in flags.items() if v is not None}
+    if temperatures is not None:
+        try:
+            values["temperatures"] = tuple(float(t) for t in temperatures.split(",") if t.strip())
+        except ValueError as e:
+            raise click.BadParameter(f"{temperatures!r}: {e}", param_hint="--temperatures") from e
+    try:
+        settings = WhisperServiceSettings(**values)
+    except ValueError as e:  # pydantic's ValidationError: bad settings, exit 2, no traceback
+        raise click.UsageError(str(e)) from e
+    serve_app(settings)
 
 
 def _pipeline_options(f):

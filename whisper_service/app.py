@@ -47,10 +47,15 @@ def create_app(
         settings: validated service settings.
         engine: an already-loaded engine to serve (the caller keeps ownership and closes it).
         load: how to load the engine in the background; default `load_engine(settings.engine,
-            settings.model, settings.device)`. Ignored when `engine` is given.
+            settings.model, settings.device, settings.decode_knobs())` (engine "auto" picks by
+            hardware). Ignored when `engine` is given.
     """
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
-    loader = load or (lambda: load_engine(settings.engine, settings.model, settings.device))
+    loader = load or (
+        lambda: load_engine(
+            settings.engine, settings.model, settings.device, settings.decode_knobs()
+        )
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,7 +110,11 @@ async def _load_and_start(
     state.metrics.track_queues(batcher.depth)
     state.batcher, state.engine = batcher, engine
     state.metrics.model_loaded.set(1)
-    logger.info("ready: %s %s on %s", engine.name, engine.model_name, engine.device)
+    logger.info(
+        "ready: %s %s on %s, decode fingerprint %s (%s)",
+        engine.name, engine.model_name, engine.device, engine.options.fingerprint[:12],
+        engine.options.canonical_json(),
+    )
 
 
 class UploadTooLargeError(ServiceError):

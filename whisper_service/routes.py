@@ -18,8 +18,10 @@ from starlette.exceptions import HTTPException
 
 from whisper_service.audio import AudioDecodeError, decode_audio
 from whisper_service.batching import Batcher, BatcherClosedError, ClientGoneError, DisconnectCheck, QueueFullError
+from whisper_service.decode_options import DecodeOptions
 from whisper_service.engines.base import Engine, Transcript
 from whisper_service.metrics import ServiceMetrics
+from whisper_service.subtitles import to_srt, to_vtt
 from whisper_service.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -85,7 +87,7 @@ router = APIRouter()
 async def transcribe(
     state: ServiceDep, request: Request, file: UploadDep, language: LanguageDep = None
 ) -> TranscriptionResponse:
-    """Transcribe one uploaded clip."""
+    """Transcribe one uploaded clip: the text, what produced it, and its quality fields."""
     engine, transcript = await transcribe_upload(
         state, file, language, route="/transcribe", is_disconnected=request.is_disconnected
     )
@@ -94,6 +96,15 @@ async def transcribe(
         language=transcript.language,
         duration=transcript.duration,
         model=engine.model_name,
+        engine=engine.name,
+        fingerprint=engine.options.fingerprint,
+        language_probability=transcript.language_probability,
+        avg_logprob=transcript.avg_logprob,
+        no_speech_prob=transcript.no_speech_prob,
+        compression_ratio=transcript.compression_ratio,
+        temperature=transcript.temperature,
+        words_per_second=transcript.words_per_second,
+        flags=list(transcript.flags),
     )
 
 
@@ -104,27 +115,90 @@ async def transcribe(
 )
 async def openai_transcriptions(
     state: ServiceDep,
+    request: Request,
     file: UploadDep,
     model: Annotated[str, Form(description="Accepted and ignored: the loaded model answers.")] = (
         "whisper-1"
     ),
     language: LanguageDep = None,
+    prompt: Annotated[
+        str | None, Form(description="Text the decoder is conditioned on (Whisper's initial prompt).")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        Form(ge=0, le=1, description="0: the service's fallback ladder; above 0: that temperature only."),
+    ] = None,
     response_format: Annotated[ResponseFormat, Form()] = "json",
+    granularities: Annotated[
+        list[str] | None, Form(alias="timestamp_granularities[]", description="segment only.")
+    ] = None,
+    granularities_plain: Annotated[
+        list[str] | None, Form(alias="timestamp_granularities", include_in_schema=False)
+    ] = None,
 ) -> Response | OpenAITranscription | OpenAIVerboseTranscription:
-    """OpenAI's transcription endpoint, so existing OpenAI clients work unchanged."""
+    """OpenAI's transcription endpoint, so existing OpenAI clients work unchanged.
+
+    `prompt` and `temperature` go into the decode options (a different fingerprint);
+    `timestamp_granularities` must be `segment` with `verbose_json`: anything else is a 400
+    naming what is not supported, never silently ignored.
+    """
+    _check_granularities([*(granularities or []), *(granularities_plain or [])], response_format)
+    engine, _ = state.ready()
+    options = engine.options.for_request(temperature=temperature, prompt=prompt)
     route = "/v1/audio/transcriptions"
-    _, transcript = await transcribe_upload(state, file, language, route=route)
+    _, transcript = await transcribe_upload(
+        state, file, language, route=route, options=options, is_disconnected=request.is_disconnected
+    )
     if response_format == "text":
         return PlainTextResponse(transcript.text)
+    if response_format == "srt":
+        return PlainTextResponse(to_srt(transcript.segments))
+    if response_format == "vtt":
+        return PlainTextResponse(to_vtt(transcript.segments), media_type="text/vtt")
     if response_format == "verbose_json":
-        segments = [OpenAISegment(id=0, start=0.0, end=transcript.duration, text=transcript.text)]
         return OpenAIVerboseTranscription(
             language=transcript.language,
             duration=transcript.duration,
             text=transcript.text,
-            segments=segments if transcript.text else [],
+            segments=_openai_segments(transcript),
         )
     return OpenAITranscription(text=transcript.text)
+
+
+def _check_granularities(granularities: list[str], response_format: str) -> None:
+    """OpenAI's rules, honestly: segment timestamps come with verbose_json; no word timestamps."""
+    if not granularities:
+        return
+    unsupported = sorted(set(granularities) - {"segment"})
+    if unsupported:
+        raise ServiceError(
+            400, "invalid_request",
+            f"timestamp_granularities {unsupported} not supported: this service gives "
+            "segment timestamps only",
+        )
+    if response_format != "verbose_json":
+        raise ServiceError(
+            400, "invalid_request",
+            "timestamp_granularities needs response_format=verbose_json "
+            f"(got {response_format!r})",
+        )
+
+
+def _openai_segments(transcript: Transcript) -> list[OpenAISegment]:
+    single = len(transcript.segments) == 1  # the clip's scores are this segment's scores
+    return [
+        OpenAISegment(
+            id=i,
+            start=segment.start,
+            end=segment.end,
+            text=segment.text,
+            avg_logprob=transcript.avg_logprob if single else None,
+            compression_ratio=transcript.compression_ratio if single else None,
+            no_speech_prob=transcript.no_speech_prob if single else None,
+            temperature=transcript.temperature if single else None,
+        )
+        for i, segment in enumerate(transcript.segments)
+    ]
 
 
 @router.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -132,8 +206,15 @@ async def healthz(state: ServiceDep) -> JSONResponse:
     """200 once the model is loaded; 503 while loading or after a failed load."""
     engine = state.engine
     if engine is not None:
+        options = engine.options
         ok = HealthResponse(
-            status="ok", engine=engine.name, model=engine.model_name, device=engine.device
+            status="ok",
+            engine=engine.name,
+            model=engine.model_name,
+            device=engine.device,
+            weights_sha256=options.weights_sha256,
+            decode=options.model_dump(mode="json"),
+            fingerprint=options.fingerprint,
         )
         return JSONResponse(ok.model_dump(exclude_none=True))
     if state.load_error is not None:
@@ -153,10 +234,18 @@ async def metrics(state: ServiceDep, request: Request) -> Response:
 
 
 async def transcribe_upload(
-    state: ServiceState, upload: UploadFile, language: str | None, *, route: str,
+    state: ServiceState,
+    upload: UploadFile,
+    language: str | None,
+    *,
+    route: str,
+    options: DecodeOptions | None = None,
     is_disconnected: DisconnectCheck | None = None,
 ) -> tuple[Engine, Transcript]:
     """Shared by both transcription routes: validate, decode, batch, count.
+
+    `options` None (or equal to the engine's) decodes with the engine's defaults, so such
+    requests share batches whatever route they came by.
 
     Raises:
         ServiceError: 400 empty/undecodable upload or bad language, 413 over the size limit,
@@ -180,8 +269,10 @@ async def transcribe_upload(
     except AudioDecodeError as e:
         raise ServiceError(400, "not_audio", f"{e}; send FLAC, WAV or OGG audio") from e
     language = (language or "").strip().lower() or state.settings.language
+    if options == engine.options:
+        options = None
     try:
-        transcript = await batcher.transcribe(audio, language, is_disconnected=is_disconnected)
+        transcript = await batcher.transcribe(audio, language, options, is_disconnected=is_disconnected)
     except QueueFullError:
         raise  # the app's handler answers 429 with Retry-After
     except ClientGoneError as e:  # nobody reads this answer; 499 keeps it out of the 5xx counts

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from whisper_service.audio import MAX_AUDIO_SECONDS, MAX_DECODED_SAMPLES
+from whisper_service.decode_options import DEFAULT_TEMPERATURES, DecodeKnobs
 from whisper_service.engines import DeviceName, EngineName
 
 MB = 1024 * 1024
@@ -37,7 +38,11 @@ class WhisperServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to bind; loopback unless a token.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
-    engine: EngineName = Field("openai-whisper", description="Which Whisper implementation runs.")
+    engine: EngineName = Field(
+        "auto",
+        description="Which Whisper implementation runs; auto: faster-whisper on CPU, "
+        "openai-whisper on CUDA (measured: bench/quality.py).",
+    )
     model: str = Field("tiny.en", description="Model name available offline, or a local path.")
     device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU.")
     max_batch_size: int = Field(8, ge=1, description="Most clips in one engine call.")
@@ -59,6 +64,31 @@ class WhisperServiceSettings(BaseSettings):
     language: str | None = Field(
         None, description="Language used when a request names none; None lets the model decide."
     )
+    beam_size: int | None = Field(
+        None, ge=1, le=32,
+        description="Beam width at temperature 0 (1: greedy); unset: faster-whisper 5, openai-whisper 1.",
+    )
+    best_of: int = Field(5, ge=1, le=32, description="Samples per clip at fallback temperatures.")
+    temperatures: tuple[float, ...] = Field(
+        DEFAULT_TEMPERATURES,
+        min_length=1,
+        description="Temperature fallback ladder, e.g. WHISPER_TEMPERATURES='[0.0, 0.2]'; "
+        "'[0.0]' turns the fallback off.",
+    )
+    compression_ratio_threshold: float | None = Field(
+        2.4, gt=0, description="Re-decode a clip whose text compresses better than this (a loop)."
+    )
+    log_prob_threshold: float | None = Field(
+        -1.0, description="Re-decode a clip whose average token log-probability is below this."
+    )
+    no_speech_threshold: float | None = Field(
+        0.6, ge=0, le=1, description="A clip above this no-speech probability and below the "
+        "log-prob threshold is silence (empty text, no fallback).",
+    )
+    compute_type: str = Field(
+        "auto", description="auto (CPU: int8 / float32; CUDA: float16), or an explicit type."
+    )
+    initial_prompt: str | None = Field(None, description="Text every decode is conditioned on.")
     api_token: SecretStr | None = Field(
         None, description="If set, all routes but /healthz need `Authorization: Bearer <token>`."
     )
@@ -73,10 +103,25 @@ class WhisperServiceSettings(BaseSettings):
             return None
         return value.strip().lower() or None  # "" (e.g. WHISPER_LANGUAGE=) means "detect"
 
+    def decode_knobs(self) -> DecodeKnobs:
+        """The decode settings as the engines take them (validated once more there)."""
+        return DecodeKnobs(
+            beam_size=self.beam_size,
+            best_of=self.best_of,
+            temperatures=self.temperatures,
+            compression_ratio_threshold=self.compression_ratio_threshold,
+            log_prob_threshold=self.log_prob_threshold,
+            no_speech_threshold=self.no_speech_threshold,
+            compute_type=self.compute_type,
+            language=self.language,
+            initial_prompt=self.initial_prompt,
+        )
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Self:
         if self.api_token is not None and not self.api_token.get_secret_value().strip():
             raise ValueError("WHISPER_API_TOKEN is empty: unset it or give a real token")
+        self.decode_knobs()  # bad decode settings fail here, before anything binds or loads
         if not is_loopback(self.host) and self.api_token is None and not self.allow_public:
             raise ValueError(
                 f"refusing to serve on non-loopback host {self.host!r} without WHISPER_API_TOKEN; "

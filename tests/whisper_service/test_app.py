@@ -111,9 +111,15 @@ def test_healthz_is_503_while_loading_then_200(
     refused = post_clip(url, good_clip)
     assert refused.status_code == 503 and "loading" in refused.json()["error"]
     release.set()
-    assert wait_ready(url).json() == {
-        "status": "ok", "engine": "openai-whisper", "model": "tiny.en", "device": "cpu"
+    health = wait_ready(url).json()
+    options = service_engine.options
+    assert health == {
+        "status": "ok", "engine": "openai-whisper", "model": "tiny.en", "device": "cpu",
+        "weights_sha256": options.weights_sha256,
+        "decode": options.model_dump(mode="json"),
+        "fingerprint": options.fingerprint,
     }
+    assert len(health["fingerprint"]) == 64 and health["decode"]["temperatures"][0] == 0.0
     assert post_clip(url, good_clip).status_code == 200
 
 
@@ -129,14 +135,20 @@ def test_failed_load_is_reported_not_hidden(make_service: MakeService, good_clip
     assert post_clip(url, good_clip).status_code == 503
 
 
-def test_faster_whisper_from_settings(
-    make_service: MakeService, clip_bytes: dict[str, bytes]
+def test_auto_engine_from_settings_is_faster_whisper_on_cpu(
+    make_service: MakeService, service_engine: Engine, clip_bytes: dict[str, bytes]
 ) -> None:
-    """No engine passed: the lifespan loads `settings.engine`; batched results equal single ones."""
-    url = make_service(service_settings(engine="faster-whisper", device="cpu"), engine=None)
-    assert wait_ready(url).json() == {
-        "status": "ok", "engine": "faster-whisper", "model": "tiny.en", "device": "cpu"
-    }
+    """No engine passed: the lifespan loads `settings.engine` (default auto: faster-whisper int8
+    on this CPU); batched results equal single ones."""
+    url = make_service(service_settings(device="cpu"), engine=None)
+    health = wait_ready(url).json()
+    assert (health["engine"], health["model"], health["device"]) == ("faster-whisper", "tiny.en", "cpu")
+    assert (health["decode"]["compute_type"], health["decode"]["beam_size"]) == ("int8", 5)
+    # same weights (content hash) as the openai-whisper service, yet another fingerprint
+    assert health["weights_sha256"] == service_engine.options.weights_sha256
+    assert health["fingerprint"] != service_engine.options.fingerprint
+    first = post_clip(url, next(iter(clip_bytes.values()))).json()
+    assert (first["engine"], first["fingerprint"]) == ("faster-whisper", health["fingerprint"])
     clips = list(clip_bytes.values())[8:11]  # 3: if the first runs alone, two queue behind it
     sequential = [post_clip(url, c).json()["text"] for c in clips]
     calls_before, _ = engine_calls(url)
@@ -163,9 +175,20 @@ def test_transcribe_demo_clip(
     response = post_clip(service_url, clip_bytes[clip.id])
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"text", "language", "duration", "model"}
-    assert body["text"] == service_engine.transcribe([clip.audio])[0].text != ""
+    assert set(body) == {
+        "text", "language", "duration", "model", "engine", "fingerprint", "language_probability",
+        "avg_logprob", "no_speech_prob", "compression_ratio", "temperature", "words_per_second",
+        "flags",
+    }
+    expected = service_engine.transcribe([clip.audio])[0]
+    assert body["text"] == expected.text != ""
     assert (body["language"], body["model"]) == ("en", "tiny.en")
+    assert (body["engine"], body["fingerprint"]) == ("openai-whisper", service_engine.options.fingerprint)
+    assert body["language_probability"] is None  # tiny.en detects nothing
+    assert (body["temperature"], body["flags"]) == (expected.temperature, list(expected.flags))
+    assert body["avg_logprob"] == pytest.approx(expected.avg_logprob, abs=1e-3)
+    assert body["compression_ratio"] == pytest.approx(expected.compression_ratio)
+    assert body["words_per_second"] == pytest.approx(expected.words_per_second)
     assert body["duration"] == pytest.approx(len(clip.audio) / 16_000, abs=1e-3)
     assert transcribe_requests(service_url) == before + 1
     assert counter(service_url, "whisper_transcriptions", route="/transcribe") >= 1
@@ -216,11 +239,51 @@ def test_openai_route_response_formats(service_url: str, good_clip: bytes) -> No
     )
     assert as_text.headers["content-type"].startswith("text/plain") and as_text.text == text
     verbose = post_clip(
-        service_url, good_clip, OPENAI_ROUTE, model="whisper-1", response_format="verbose_json"
+        service_url, good_clip, OPENAI_ROUTE, model="whisper-1", response_format="verbose_json",
+        **{"timestamp_granularities[]": "segment"},
     ).json()
     assert (verbose["task"], verbose["language"], verbose["text"]) == ("transcribe", "en", text)
-    segment = {"id": 0, "start": 0.0, "end": verbose["duration"], "text": text}
-    assert verbose["segments"] == [segment]
+    [segment] = verbose["segments"]  # a clip under 30 s is decoded as one untimed window
+    assert (segment["id"], segment["start"], segment["text"]) == (0, 0.0, text)
+    assert segment["end"] == pytest.approx(verbose["duration"], abs=1e-3)
+    assert segment["temperature"] == 0.0 and segment["avg_logprob"] < 0
+    srt = post_clip(service_url, good_clip, OPENAI_ROUTE, response_format="srt")
+    end = f"{int(segment['end'])}".rjust(2, "0")
+    assert srt.status_code == 200 and srt.text.startswith(f"1\n00:00:00,000 --> 00:00:{end},")
+    assert srt.text.endswith(f"\n{text}\n")
+    vtt = post_clip(service_url, good_clip, OPENAI_ROUTE, response_format="vtt")
+    assert vtt.headers["content-type"].startswith("text/vtt")
+    assert vtt.text.startswith("WEBVTT\n\n00:00:00.000 --> ") and vtt.text.endswith(f"\n{text}\n")
+
+
+def test_openai_route_honours_temperature_and_prompt(
+    service_url: str, service_engine: Engine, demo_clips: list[DemoClip], clip_bytes: dict[str, bytes]
+) -> None:
+    clip = demo_clips[0]
+    hot = post_clip(
+        service_url, clip_bytes[clip.id], OPENAI_ROUTE, temperature="0.7", response_format="verbose_json"
+    ).json()
+    assert [s["temperature"] for s in hot["segments"]] == [0.7]  # sampled at 0.7, no ladder
+    prompt = "The birch canoe."
+    prompted = post_clip(service_url, clip_bytes[clip.id], OPENAI_ROUTE, prompt=prompt).json()["text"]
+    options = service_engine.options.for_request(prompt=prompt)
+    assert prompted == service_engine.transcribe([clip.audio], None, options)[0].text
+    assert prompted != service_engine.transcribe([clip.audio])[0].text  # the prompt changed the text
+
+
+@pytest.mark.parametrize(
+    ("form", "says"),
+    [
+        ({"timestamp_granularities[]": "word", "response_format": "verbose_json"}, "'word'"),
+        ({"timestamp_granularities": "word", "response_format": "verbose_json"}, "segment timestamps only"),
+        ({"timestamp_granularities[]": "segment"}, "verbose_json"),
+    ],
+)
+def test_openai_route_refuses_what_it_cannot_do(
+    service_url: str, good_clip: bytes, form: dict[str, str], says: str
+) -> None:
+    response = post_clip(service_url, good_clip, OPENAI_ROUTE, **form)
+    assert response.status_code == 400 and says in response.json()["error"], response.text
 
 
 def test_stereo_48k_upload(
@@ -316,8 +379,10 @@ def test_bad_input_is_refused_and_server_keeps_serving(
 
 
 def test_openai_route_refuses_unknown_response_format(service_url: str, good_clip: bytes) -> None:
-    response = post_clip(service_url, good_clip, OPENAI_ROUTE, response_format="srt")
+    response = post_clip(service_url, good_clip, OPENAI_ROUTE, response_format="docx")
     assert response.status_code == 422 and "response_format" in response.json()["error"]
+    too_hot = post_clip(service_url, good_clip, OPENAI_ROUTE, temperature="1.5")
+    assert too_hot.status_code == 422 and "temperature" in too_hot.json()["error"]
 
 
 def test_errors_are_counted_by_reason(service_url: str) -> None:
@@ -372,9 +437,13 @@ class RecordingEngine:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, str | None]] = []
+        self.options_seen: list[object] = []
 
-    def transcribe(self, batch: list[np.ndarray], language: str | None = None) -> list[Transcript]:
+    def transcribe(
+        self, batch: list[np.ndarray], language: str | None = None, options: object = None
+    ) -> list[Transcript]:
         self.calls.append((len(batch), language))
+        self.options_seen.append(options)
         if any(a[0] < 0 for a in batch):
             raise ValueError("negative first sample")
         return [Transcript(f"{a[0]:.0f}", language or "en", len(a) / 16_000) for a in batch]
@@ -403,3 +472,24 @@ def test_batcher_groups_by_language_and_isolates_failures() -> None:
     assert [r.language for r in results if isinstance(r, Transcript)] == ["en", "fr", "en", "fr"]
     # one call per language; the failed "en" batch is retried clip by clip
     assert engine.calls == [(3, "en"), (1, "en"), (1, "en"), (1, "en"), (2, "fr")]
+
+
+def test_batcher_groups_by_decode_options() -> None:
+    """Requests with other decode options (an OpenAI temperature) never share an engine call."""
+    from tests.whisper_service.test_decode_options import build
+
+    engine = RecordingEngine()
+    hot = build().for_request(temperature=0.7)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, max_batch_size=8, max_wait_ms=50)
+        batcher.start()
+        await asyncio.gather(
+            *(batcher.transcribe(np.full(160, i, np.float32), "en", o)
+              for i, o in enumerate([None, hot, None, hot, None]))
+        )
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert engine.calls == [(3, "en"), (2, "en")]
+    assert engine.options_seen == [None, hot]

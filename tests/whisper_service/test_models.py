@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.whisper_service.conftest import DEMO_DATA
+from whisper_service.audio import decode_audio
 from whisper_service.engines import ModelNotAvailableError, load_engine
-from whisper_service.engines.models import bundled_ct2_dir, resolve_model
+from whisper_service.engines.models import bundled_ct2_dir, resolve_model, weights_sha256
+
+# Golden output: faster-whisper's default options (int8, beam 5, fallback ladder) on
+# p225/p225_001_mic2.flac. A change here changes every transcript: bump DECODER_VERSION with it.
+GOLDEN_P225_001 = "The birch can you sleep on the smooth planks?"
+# "Glue the sheet to the dark blue background." by espeak-ng voice en-029 at 170 wpm
+# (bench/quality.py's hard corpus, h3/h3_001): tiny.en greedy loops on it.
+LOOP_CLIP = Path(__file__).parent / "data" / "loop_en029_170wpm.flac"
 
 
 @pytest.fixture
@@ -72,12 +81,32 @@ def test_unknown_engine():
         load_engine("whisper.cpp", "tiny.en")  # type: ignore[arg-type]
 
 
-def test_faster_whisper_gets_the_bundled_directory_offline(monkeypatch: pytest.MonkeyPatch):
+def test_auto_is_faster_whisper_int8_on_cpu_offline_with_a_golden_transcript(
+    monkeypatch: pytest.MonkeyPatch,
+):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    engine = load_engine("faster-whisper", "tiny.en", device="cpu")
+    engine = load_engine("auto", "tiny.en", device="cpu")
     try:
         assert (engine.name, engine.model_name, engine.device) == ("faster-whisper", "tiny.en", "cpu")
         assert os.environ["HF_HUB_OFFLINE"] == "1"  # set before any faster-whisper code runs
+        options = engine.options
+        assert (options.engine, options.compute_type, options.beam_size) == ("faster-whisper", "int8", 5)
+        assert options.weights_sha256 == weights_sha256(bundled_ct2_dir())
+        audio = decode_audio((DEMO_DATA / "audio" / "p225" / "p225_001_mic2.flac").read_bytes())
+        [out] = engine.transcribe([audio])
+        assert out.text == GOLDEN_P225_001
+        assert (out.language, out.temperature, out.flags) == ("en", 0.0, ())
+        assert -1.0 < out.avg_logprob < 0 and 0 <= out.no_speech_prob < 0.6
+
+        # A real loop: greedy without fallback loops on this clip, at a compression ratio (2.1)
+        # that Whisper's own 2.4 test lets through; the final-text check flags it.
+        loop_clip = decode_audio(LOOP_CLIP.read_bytes())
+        greedy = options.model_validate(options.model_dump() | {"beam_size": 1, "temperatures": (0.0,)})
+        [looped] = engine.transcribe([loop_clip], None, greedy)
+        assert looped.text == "The heat, the back, the back, the back, the back, the back."
+        assert looped.compression_ratio < 2.4 and looped.flags == ("repetition",)
+        [default] = engine.transcribe([loop_clip])  # beam 5: no loop, no flag
+        assert (default.text, default.flags) == ("Blue, the heat, the dark, blue background.", ())
     finally:
         engine.close()
 

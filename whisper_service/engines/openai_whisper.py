@@ -1,9 +1,17 @@
-"""The default engine: openai-whisper, batched greedy decoding of up to 30 s clips.
+"""openai-whisper engine: batched decoding of up to 30 s clips, with Whisper's safeguards.
 
-Throughput comes from one encoder/decoder pass over the whole batch (`whisper.decode` on a
-stacked mel tensor). Greedy only: batched beam search with `decode()` crashes in openai-whisper
-20250625. Clips longer than one 30 s window go through `model.transcribe`, which slides the
-window over the whole clip instead of silently keeping only the first 30 s.
+Throughput comes from one encoder pass over the whole batch and one batched decode of its audio
+features. The temperature fallback of `whisper.transcribe` runs batched too: only the clips whose
+decode failed the thresholds are decoded again, at the next temperature, from the features
+already encoded (`engines.base.decode_with_fallback`).
+
+Beam search and best-of sampling are batched as well. openai-whisper 20250625's `decode()`
+crashes on a batch of more than one clip with beam_size or best_of > 1: `DecodingTask.run`
+repeats the tokens by the group size but not the audio features, so cross-attention sees 4
+feature rows for 20 token rows. `_GroupedDecodingTask` repeats the features to match (and
+detects the language on one row per clip); a test checks a batched beam decode against the same
+clips decoded one at a time. Clips longer than one 30 s window go through `model.transcribe`,
+Whisper's own seek loop, with the same options.
 """
 
 from __future__ import annotations
@@ -18,19 +26,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import whisper
-from whisper.decoding import DecodingOptions, DecodingResult
+from torch import Tensor
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask
 from whisper.model import ModelDimensions, Whisper
 
 from whisper_service.audio import SAMPLE_RATE
+from whisper_service.decode_options import DecodeKnobs, DecodeOptions
 from whisper_service.engines.base import (
-    LOGPROB_THRESHOLD,
-    NO_SPEECH_THRESHOLD,
+    Attempt,
     ModelNotAvailableError,
     Transcript,
     UnsupportedLanguageError,
+    check_options,
+    decode_with_fallback,
+    finish,
+    from_segments,
     is_no_speech,
     transcribe_by_length,
 )
+
+__all__ = ["OpenAIWhisperEngine", "is_no_speech", "resolve_device"]
 
 
 def resolve_device(device: str) -> str:
@@ -94,19 +109,47 @@ class OpenAIWhisperEngine:
     Args:
         checkpoint: a local openai-whisper `.pt` (see `convert.converted_checkpoint`).
         model_name: what clients see, e.g. "tiny.en".
-        device: "auto", "cpu" or "cuda". fp16 on CUDA, fp32 on CPU (fp16 is slow or
-            unsupported on CPU).
+        device: "auto", "cpu" or "cuda".
+        knobs: decode settings; default `DecodeKnobs()`. compute_type "auto" is float16 on CUDA
+            and float32 on CPU (fp16 is slow or unsupported on CPU).
+        weights_sha256: content hash of the weights this checkpoint came from (the fingerprint's
+            weights identity); default: the checkpoint file's own hash.
+        converter_version: set when the checkpoint was converted from CTranslate2 weights.
+
+    Raises:
+        ValueError: a compute type openai-whisper cannot run on this device.
     """
 
     name = "openai-whisper"
 
-    def __init__(self, checkpoint: Path, model_name: str, device: str = "auto") -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        model_name: str,
+        device: str = "auto",
+        knobs: DecodeKnobs | None = None,
+        *,
+        weights_sha256: str | None = None,
+        converter_version: int | None = None,
+    ) -> None:
+        from whisper_service.engines.models import weights_sha256 as content_hash
+
+        knobs = knobs or DecodeKnobs()
         self.device = resolve_device(device)
         self.model_name = model_name
-        self.fp16 = self.device == "cuda"
+        compute_type = _compute_type(knobs.compute_type, self.device)
+        self.fp16 = compute_type == "float16"
         if self.device == "cpu":
             limit_cpu_threads()
         self._model: Whisper | None = load_checkpoint(Path(checkpoint), self.device, model_name)
+        self.options = DecodeOptions.build(
+            knobs,
+            engine="openai-whisper",
+            model=model_name,
+            weights_sha256=weights_sha256 or content_hash(Path(checkpoint)),
+            compute_type=compute_type,
+            converter_version=converter_version,
+        )
         # The service may call from several threads; one forward pass at a time.
         self._lock = threading.Lock()
 
@@ -130,24 +173,37 @@ class OpenAIWhisperEngine:
             )
         return language
 
-    def transcribe(self, batch: list[np.ndarray], language: str | None = None) -> list[Transcript]:
+    def transcribe(
+        self,
+        batch: list[np.ndarray],
+        language: str | None = None,
+        options: DecodeOptions | None = None,
+    ) -> list[Transcript]:
         """Transcribe each 16 kHz mono clip; one Transcript per clip, in order.
 
-        Clips up to 30 s share one batched decode; longer clips are transcribed whole,
-        window by window. Silence and no-speech windows give "".
+        Clips up to 30 s share one batched encode and decode (plus batched fallback decodes for
+        the clips that need them); longer clips are transcribed whole, window by window.
+        `language` None means `options.language`, then detection (or "en" on .en models).
+
+        Raises:
+            UnsupportedLanguageError: a language the model cannot transcribe.
+            ValueError: options made for another engine or other weights.
         """
-        language = self._language(language)
+        options = check_options(self, options)
+        language = self._language(language or options.language)
         # Own writable copies: torch.from_numpy warns on read-only buffers (np.frombuffer).
         clips = [np.array(audio, dtype=np.float32) for audio in batch]
-        with self._lock:
+        with self._lock, torch.inference_mode():
             return transcribe_by_length(
                 clips, language,
-                lambda short: self._decode_short(short, language),
-                lambda audio: self._transcribe_long(audio, language, len(audio) / SAMPLE_RATE),
+                lambda short: self._decode_short(short, language, options),
+                lambda audio: self._transcribe_long(audio, language, options),
             )
 
-    def _decode_short(self, clips: list[np.ndarray], language: str | None) -> list[Transcript]:
-        """One batched greedy pass over clips of at most 30 s."""
+    def _decode_short(
+        self, clips: list[np.ndarray], language: str | None, options: DecodeOptions
+    ) -> list[Transcript]:
+        """One encoder pass, then batched decodes with Whisper's temperature fallback."""
         model = self.model
         mels = torch.stack(
             [
@@ -157,34 +213,66 @@ class OpenAIWhisperEngine:
                 for c in clips
             ]
         ).to(model.device)
-        options = DecodingOptions(
-            language=language, without_timestamps=True, fp16=self.fp16, temperature=0.0
-        )
-        decoded: list[DecodingResult] = whisper.decode(model, mels, options)
-        return [
-            Transcript(
-                "" if is_no_speech(r.no_speech_prob, r.avg_logprob) else r.text.strip(),
-                r.language,
-                len(c) / SAMPLE_RATE,
+        features = model.embed_audio(mels.half() if self.fp16 else mels)
+        if language is None:  # multilingual model, no hint: detect once per clip
+            tokenizer = whisper.tokenizer.get_tokenizer(
+                True, num_languages=model.num_languages, task="transcribe"
             )
-            for r, c in zip(decoded, clips, strict=True)
+            _, probs = model.detect_language(features, tokenizer)
+            languages = [max(p, key=p.get) for p in probs]
+            confidence: list[float | None] = [float(p[lang]) for p, lang in zip(probs, languages)]
+        else:
+            languages, confidence = [language] * len(clips), [None] * len(clips)
+
+        def decode(indices: list[int], temperature: float) -> list[Attempt]:
+            out: dict[int, Attempt] = {}
+            for lang in dict.fromkeys(languages[i] for i in indices):  # one call per language
+                group = [i for i in indices if languages[i] == lang]
+                decoding = _decoding_options(options, lang, temperature, self.fp16)
+                results: list[DecodingResult] = _GroupedDecodingTask(model, decoding).run(
+                    features[group]
+                )
+                for i, r in zip(group, results, strict=True):
+                    out[i] = Attempt(
+                        r.text, lang, float(r.avg_logprob), float(r.no_speech_prob),
+                        temperature, confidence[i],
+                    )
+            return [out[i] for i in indices]
+
+        kept = decode_with_fallback(len(clips), decode, options)
+        return [
+            finish(attempt, exhausted, len(c) / SAMPLE_RATE, options)
+            for (attempt, exhausted), c in zip(kept, clips, strict=True)
         ]
 
-    def _transcribe_long(self, audio: np.ndarray, language: str | None, duration: float) -> Transcript:
-        """Sequential 30 s windows over the whole clip (whisper's own seek loop)."""
+    def _transcribe_long(
+        self, audio: np.ndarray, language: str | None, options: DecodeOptions
+    ) -> Transcript:
+        """Sequential 30 s windows over the whole clip (whisper's own seek loop and fallback)."""
         result = self.model.transcribe(
             audio,
             language=language,
-            temperature=0.0,
+            temperature=options.temperatures,
+            beam_size=options.beam_size if options.beam_size > 1 else None,
+            best_of=options.best_of,
             fp16=self.fp16,
-            # Greedy without fallback: conditioning on earlier windows is what sends
-            # Whisper into repetition loops, so each window stands alone.
+            initial_prompt=options.initial_prompt,
+            # Each window stands alone: conditioning on earlier windows is what sends Whisper
+            # into repetition loops that the fallback then has to catch.
             condition_on_previous_text=False,
-            no_speech_threshold=NO_SPEECH_THRESHOLD,
-            logprob_threshold=LOGPROB_THRESHOLD,
+            compression_ratio_threshold=options.compression_ratio_threshold,
+            logprob_threshold=options.log_prob_threshold,
+            no_speech_threshold=options.no_speech_threshold,
             verbose=None,
         )
-        return Transcript(str(result["text"]).strip(), str(result["language"]), duration)
+        segments = [
+            (
+                float(s["start"]), float(s["end"]), str(s["text"]), float(s["avg_logprob"]),
+                float(s["no_speech_prob"]), float(s["temperature"]), len(s["tokens"]),
+            )
+            for s in result["segments"]
+        ]
+        return from_segments(segments, str(result["language"]), len(audio) / SAMPLE_RATE, options)
 
     def close(self) -> None:
         """Free the model (and its GPU memory); the engine cannot be used afterwards."""
@@ -193,6 +281,51 @@ class OpenAIWhisperEngine:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+class _GroupedDecodingTask(DecodingTask):
+    """`DecodingTask` with batched beam search and best-of sampling that work.
+
+    In openai-whisper 20250625 `run()` repeats the token rows by the group size (beam_size or
+    best_of) but not the audio features, so a batch of N > 1 clips crashes in cross-attention
+    (N feature rows against N x group token rows). Here the features are repeated to match,
+    and language detection sees one row per clip. With a group of 1 nothing changes.
+    """
+
+    def _get_audio_features(self, mel: Tensor) -> Tensor:
+        features = super()._get_audio_features(mel)
+        return features.repeat_interleave(self.n_group, dim=0) if self.n_group > 1 else features
+
+    def _detect_language(self, audio_features: Tensor, tokens: Tensor):  # type: ignore[no-untyped-def]
+        return super()._detect_language(audio_features[:: self.n_group], tokens)
+
+
+def _decoding_options(
+    options: DecodeOptions, language: str | None, temperature: float, fp16: bool
+) -> DecodingOptions:
+    """Whisper's per-temperature choice: beam search at 0, best-of sampling above."""
+    sampling = temperature > 0
+    return DecodingOptions(
+        language=language,
+        temperature=temperature,
+        beam_size=None if sampling or options.beam_size == 1 else options.beam_size,
+        best_of=options.best_of if sampling else None,
+        prompt=options.initial_prompt,
+        without_timestamps=True,
+        fp16=fp16,
+    )
+
+
+def _compute_type(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "float16" if device == "cuda" else "float32"
+    if requested not in ("float16", "float32"):
+        raise ValueError(
+            f"openai-whisper runs float16 (CUDA) or float32, not compute type {requested!r}"
+        )
+    if requested == "float16" and device != "cuda":
+        raise ValueError("openai-whisper cannot run float16 on CPU; use float32 or auto")
+    return requested
 
 
 def _warm_tokenizer(model: Whisper) -> None:
