@@ -15,7 +15,8 @@ Two lanes, each with its own bounded queue, worker and thread:
 
 Overload and abandonment, so the service never works for nobody:
 - past `max_queue` waiting clips in a lane, `transcribe` raises `QueueFullError` at once (the
-  app answers 429 with `Retry-After`);
+  app answers 429 with `Retry-After`); `admit(lane_for(seconds))` asks the same question before
+  the upload is decoded, so a request that would be refused costs no decoding or resampling;
 - a request whose client has disconnected (`is_disconnected()` true) is dropped just before its
   engine call; a request whose awaiting coroutine is cancelled leaves the queue at once.
 
@@ -38,6 +39,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from whisper_service.audio import SAMPLE_RATE
 from whisper_service.engines.base import WINDOW_SAMPLES, Engine, Transcript
 
 logger = logging.getLogger(__name__)
@@ -140,6 +142,20 @@ class Batcher:
                 lane.worker = loop.create_task(self._run(lane), name=f"whisper-batcher-{lane.name}")
             self._started = True
 
+    @staticmethod
+    def lane_for(seconds: float) -> LaneName:
+        """The lane a clip of `seconds` goes to (the rule `transcribe` applies to its samples)."""
+        return "long" if seconds * SAMPLE_RATE > WINDOW_SAMPLES else "short"
+
+    def admit(self, lane: LaneName) -> None:
+        """Raise `QueueFullError` now if `lane` is full; otherwise return (nothing is reserved).
+
+        Cheap (no lock, no await): call it with the lane from the upload's header (frames /
+        sample rate) BEFORE decoding, so a refused request costs no decode or resample.
+        `transcribe` checks again, since the queue may fill while the clip decodes.
+        """
+        self._admit(self._lanes[lane])
+
     def depth(self, lane: LaneName) -> int:
         """Clips waiting in `lane` (not counting the batch being transcribed)."""
         return len(self._lanes[lane].pending)
@@ -182,10 +198,7 @@ class Batcher:
         if self._closed or not self._started:
             raise BatcherClosedError("batcher is not running")
         lane = self._lanes["long" if len(audio) > WINDOW_SAMPLES else "short"]
-        if len(lane.pending) >= lane.max_queue:
-            if self._observer is not None:
-                self._observer.rejected(lane.name)
-            raise QueueFullError(lane.name, len(lane.pending), self._retry_after(lane))
+        self._admit(lane)
         loop = asyncio.get_running_loop()
         request = _Request(audio, language, options, loop.create_future(), is_disconnected)
         lane.pending.append(request)
@@ -197,6 +210,12 @@ class Batcher:
                 lane.pending.remove(request)
                 self._abandoned("cancelled")
             raise
+
+    def _admit(self, lane: _Lane) -> None:
+        if len(lane.pending) >= lane.max_queue:
+            if self._observer is not None:
+                self._observer.rejected(lane.name)
+            raise QueueFullError(lane.name, len(lane.pending), self._retry_after(lane))
 
     def _retry_after(self, lane: _Lane) -> int:
         """Seconds until the queue has room, roughly: its batches times one call's duration."""

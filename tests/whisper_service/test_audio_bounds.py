@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 import soxr
 
+import whisper_service.audio as audio_module
 from tests.reliability.corpus import GOOD, absurd_rate_wav, channel_bomb_flac, demo_audio
 from tests.whisper_service.conftest import MakeService, service_settings, wait_ready
 from whisper_service.audio import (
@@ -94,16 +95,29 @@ def test_a_decode_that_resamples_to_nothing_is_an_error():
         decode_audio(buffer.getvalue())
 
 
-def test_block_decoding_equals_whole_file_decoding():
-    """Downmix and resampling block by block give the same samples as the whole-array path."""
-    clip = soxr.resample(demo_audio(3), 16_000, 44_100).astype(np.float32)
+@pytest.mark.parametrize("block_samples", [4_099, None], ids=["small-blocks", "real-blocks"])
+def test_block_decoding_equals_whole_file_decoding(monkeypatch, block_samples):
+    """Downmix and resampling block by block give the same samples as the whole-array path.
+
+    The clip must span several blocks, or no block boundary is crossed: 4,099 raw samples (2,049
+    stereo frames, not a multiple of anything soxr uses) gives ~190 blocks; the real block size
+    (2^19 samples, 262,144 stereo frames) is crossed by a 9 s clip at 44.1 kHz (396,900 frames)."""
+    if block_samples is not None:
+        monkeypatch.setattr(audio_module, "_BLOCK_SAMPLES", block_samples)
+    block_frames = audio_module._BLOCK_SAMPLES // 2
+    clip = soxr.resample(np.concatenate([demo_audio(3), demo_audio(1), demo_audio(2)]), 16_000, 44_100)
+    clip = clip[: 9 * 44_100].astype(np.float32)
+    assert len(clip) == 9 * 44_100 and len(clip) > 1.5 * block_frames  # boundaries really crossed
     stereo = np.stack([clip, 0.5 * clip], axis=1)
     buffer = io.BytesIO()
     sf.write(buffer, stereo, 44_100, format="FLAC", subtype="PCM_24")
     samples, _ = sf.read(io.BytesIO(buffer.getvalue()), dtype="float32", always_2d=True)
     whole = resample(samples.mean(axis=1, dtype=np.float32), 44_100, 16_000)
-    np.testing.assert_array_equal(decode_audio(buffer.getvalue()), whole)
-    known = decode_audio(GOOD[0].read_bytes())
+    blocks, info = decode_audio_with_info(buffer.getvalue())
+    assert info.frames == len(samples)
+    assert len(blocks) == len(whole)
+    np.testing.assert_array_equal(blocks, whole)
+    known = decode_audio(GOOD[0].read_bytes())  # 16 kHz mono: no resampling, no downmix
     np.testing.assert_array_equal(known, sf.read(GOOD[0], dtype="float32")[0])
 
 
