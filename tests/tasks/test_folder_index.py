@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from tasks.folder_index import index_path, load_index
+from tasks.folder_index import content_path, index_path, load_index, parse_content
+from tasks.provenance import settings_sha256
 from tasks.storage import Store
 from tests.tasks.contract_service import ContractService
 from tests.tasks.steps import (
@@ -61,9 +62,10 @@ def test_a_rerun_costs_requests_per_folder_not_per_file(tmp_path):
         small = rerun_requests(tmp_path, service, per_folder=4)
         large = rerun_requests(tmp_path, service, per_folder=12)
     # Unchanged: the same count for 12 files as for 3 folders x 4 files, and a few per folder:
-    # one index read per stage, then merge's index read, JSONL read and errors-file delete.
-    assert small[0] == large[0] <= 5 * len(FOLDERS), (small, large)
-    assert small[2] == {"get": 4 * len(FOLDERS), "delete": len(FOLDERS)}, small[2]
+    # one slim-index read per stage, then merge's slim-index read, its streamed reads of the
+    # index content and of the JSONL (to compare: nothing is written), and the errors-file delete.
+    assert small[0] == large[0] <= 6 * len(FOLDERS), (small, large)
+    assert small[2] == {"get": 3 * len(FOLDERS), "open": 2 * len(FOLDERS), "delete": len(FOLDERS)}, small[2]
     # Two new files in one folder cost a bounded number more (their intermediates: a failed
     # lookup, a write and merge's read, per stage; the folder's JSONL and index rewritten).
     assert small[1] == large[1] <= small[0] + 2 * 2 * 3 + 4, (small, large)
@@ -109,7 +111,9 @@ def test_the_index_is_rewritten_only_when_it_changes_and_lists_discovered_files_
     assert index["folder"] == "p1" and sorted(index["entries"]) == ["p1/p1_000.flac", "p1/p1_002.flac"]
     entry = index["entries"]["p1/p1_000.flac"]
     assert entry["transcription"]["decode_fingerprint"] == "fp-openai-1"
-    assert entry["tokens"]["tokenizer_settings"] == expect.tokenizer_settings
+    assert entry["tokens"]["settings_sha256"] == settings_sha256(expect.tokenizer_settings)
+    content = list(parse_content((tmp_path / "results" / content_path("p1")).read_bytes()))
+    assert [c.id for c in content] == ["p1/p1_000.flac", "p1/p1_002.flac"]
 
 
 def test_an_index_claiming_another_folder_or_id_is_ignored(tmp_path):
