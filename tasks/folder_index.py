@@ -6,7 +6,7 @@ the results root's hidden `.index/` (why those names collide with no output: see
 
 - `.index/{folder}.json`, the slim index: per id, only the key of its latest successful
   transcription and tokens (`tasks.provenance`: source size/mtime, decode fingerprint and
-  requested language, a hash of the tokeniser settings), ~200 bytes a file. Stages read this
+  requested language, a hash of the tokeniser settings), ~310 bytes a file (measured). Stages read this
   once per folder per shard and skip the files whose key matches this run; the files it does not
   vouch for (new, changed, failed last time, or done by a run that never merged) cost a read of
   their intermediates, in one bulk call per folder. No stage reads any text or tokens it skips.

@@ -51,7 +51,7 @@ class _Unknown:
 
 
 UNKNOWN = _Unknown()
-_CHUNK = 1 << 20  # bytes per read when hashing a stored file
+_CHUNK = 1 << 16  # bytes per read when hashing a stored file
 
 
 class StreamWriter:

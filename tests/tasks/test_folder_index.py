@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import uuid
 
+from tasks.discover import list_audio, make_batches
 from tasks.folder_index import content_path, index_path, load_index, parse_content
 from tasks.provenance import settings_sha256
 from tasks.storage import Store
+from tasks.tokenise import tokenise_batches
+from tasks.transcribe import transcribe_files
 from tests.tasks.contract_service import ContractService
 from tests.tasks.steps import (
     CountingMemoryFS,
@@ -122,3 +125,32 @@ def test_an_index_claiming_another_folder_or_id_is_ignored(tmp_path):
     assert load_index(store, "p1").index.entries == {}
     good = load_index(store, "nothing-here")
     assert good.raw is None and good.index.folder == "nothing-here"
+
+
+def test_stages_read_keys_only_never_text_or_tokens(tmp_path):
+    """Review finding 1: every stage task read and parsed the folder's full records (text, tokens,
+    quality) to decide reuse. Now a stage reads the slim index only: the same bytes for clips
+    ten times longer (ten times the tokens), ~300 bytes a file."""
+    per_clip_length = {}
+    with ContractService() as service:
+        for seconds in (0.4, 4.0):
+            audio = tmp_path / f"audio-{seconds}"
+            make_corpus(audio, {"p1": 6}, seconds=seconds)
+            settings = settings_for(audio, f"countmem://results-{uuid.uuid4().hex[:8]}", service.url)
+            store = Store(settings.results_root)
+            expect = expect_for(settings)
+            run_steps(settings, store, expect)
+            files, _ = list_audio(settings.audio_root, settings.extensions)
+            CountingMemoryFS.bytes_read.clear()
+            CountingMemoryFS.requests.clear()
+            assert transcribe_files(files, settings, store, expect).reused == 6
+            assert tokenise_batches(make_batches(files, 4), settings, store, expect).reused == 6
+            assert dict(CountingMemoryFS.requests) == {"get": 2}  # the slim index, once per stage
+            (path, read), = CountingMemoryFS.bytes_read.items()
+            assert path.endswith("/.index/p1.json")
+            content = store.read_bytes(content_path("p1"))
+            per_clip_length[seconds] = (read, len(content))
+    (short, short_content), (long, long_content) = per_clip_length[0.4], per_clip_length[4.0]
+    assert long_content > short_content + 6 * 300  # the content holds ~90 more tokens a file ...
+    assert abs(long - short) <= 2 * 6 * 4  # ... the stages read none of it (sizes, mtimes: a few digits)
+    assert long / (2 * 6) < 400, long  # ~310 bytes a file
