@@ -1,34 +1,46 @@
 """Per-folder index of intermediates: what makes a rerun cost O(folders + changed files) requests.
 
 Without it a rerun reads two intermediates per file to decide reuse and two more to merge, one
-request each (a million-file rerun on S3: ~4M sequential GETs). The index is one file per folder,
-`.index/{folder}.json` under the results root (why that name collides with no output: see
-`tasks.storage`), mapping each id to its latest successful transcription and tokens records as the
-folder's last merge saw them: full records, so they carry both their provenance (source size/mtime,
-decode fingerprint and requested language, tokeniser settings) and what a line needs (text, tokens,
-quality).
+request each (a million-file rerun on S3: ~4M sequential GETs). Each folder has two files under
+the results root's hidden `.index/` (why those names collide with no output: see `tasks.storage`):
 
-- Merge rewrites it atomically (`Store.write_bytes`) under the folder lock, only when it changed.
-- Stages read it once per folder per shard and skip files whose entry matches this run; only the
-  files it does not vouch for (new, changed, failed last time, or done by a run that never merged)
-  cost a read of their intermediates, all in one bulk call per folder.
-- Merge takes unchanged files' records from it and reads only the others' intermediates, in bulk.
+- `.index/{folder}.json`, the slim index: per id, only the key of its latest successful
+  transcription and tokens (`tasks.provenance`: source size/mtime, decode fingerprint and
+  requested language, a hash of the tokeniser settings), ~310 bytes a file (measured). Stages read this
+  once per folder per shard and skip the files whose key matches this run; the files it does not
+  vouch for (new, changed, failed last time, or done by a run that never merged) cost a read of
+  their intermediates, in one bulk call per folder. No stage reads any text or tokens it skips.
+- `.index/{folder}.content.jsonl`, the content: one line per id, sorted, with the full records
+  (text, tokens, quality). Only merge reads it, streamed line by line beside the sorted files, so
+  it never holds the folder in memory (`tasks.merge`).
 
-The per-file intermediates stay the contract: every new result is written there first. An index
-entry is only a copy of one and is checked against this run's `Provenance` like any intermediate
-(`tasks.provenance`); a missing, torn or foreign index reads as empty, which costs reads, never
-correctness.
+Merge rewrites both under the folder lock, each only when it changed (the content first, so a
+slim index never vouches for a record the content lacks, except after a crash between the two,
+which merge detects and pays for with reads). The per-file intermediates stay the contract: every
+new result is written there first. An index key only says where to look; what merge joins is the
+full record, checked against this run's `Provenance` like any intermediate. A missing, torn or
+foreign index (or one from before this layout) reads as empty, which costs reads, never correctness.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, ValidationError
 
+from tasks.provenance import (
+    TokensKey,
+    TranscriptionKey,
+    settings_sha256,
+    tokens_key,
+    transcription_key,
+    wanted_tokens_key,
+    wanted_transcription_key,
+)
 from tasks.records import AudioFile, Provenance, Record, Tokens, Transcription
 from tasks.storage import Kind, Store
 
@@ -37,6 +49,22 @@ Reusable = Callable[[object, AudioFile, Provenance], bool]
 
 
 class IndexEntry(Record):
+    """One id's keys in the slim index."""
+
+    transcription: TranscriptionKey | None = None
+    tokens: TokensKey | None = None
+
+
+class FolderIndex(Record):
+    version: Literal[2] = 2  # 1 held full records: read as empty (a one-off cost of reads)
+    folder: str
+    entries: dict[str, IndexEntry] = Field(default_factory=dict)
+
+
+class ContentLine(Record):
+    """One line of `.index/{folder}.content.jsonl`: an id's latest successful records."""
+
+    id: str
     transcription: Transcription | None = None
     tokens: Tokens | None = None
 
@@ -44,30 +72,41 @@ class IndexEntry(Record):
         return self.transcription if kind == "transcriptions" else self.tokens
 
 
-class FolderIndex(Record):
-    version: Literal[1] = 1
-    folder: str
-    entries: dict[str, IndexEntry] = Field(default_factory=dict)
+def entry_for(line: ContentLine) -> IndexEntry:
+    return IndexEntry(
+        transcription=transcription_key(line.transcription) if line.transcription is not None else None,
+        tokens=tokens_key(line.tokens) if line.tokens is not None else None,
+    )
 
 
 @dataclass(frozen=True)
 class LoadedIndex:
-    """An index as read, with its bytes, so an unchanged one is never written again."""
+    """A slim index as read, with its bytes, so an unchanged one is never written again."""
 
     index: FolderIndex
     raw: bytes | None
 
-    def record(self, kind: Kind, file_id: str) -> Transcription | Tokens | None:
-        entry = self.index.entries.get(file_id)
-        return entry.get(kind) if entry is not None else None
+    def vouches(self, kind: Kind, file: AudioFile, expect: Provenance, settings_hash: str | None = None) -> bool:
+        """The index says `file`'s record of stage `kind` is one this run may reuse."""
+        entry = self.index.entries.get(file.id)
+        if entry is None:
+            return False
+        if kind == "transcriptions":
+            wanted = wanted_transcription_key(file, expect)
+            return wanted is not None and entry.transcription == wanted
+        return entry.tokens == wanted_tokens_key(file, expect, settings_hash)
 
 
 def index_path(folder: str) -> str:
     return f"{INDEX_DIR}/{folder}.json"
 
 
+def content_path(folder: str) -> str:
+    return f"{INDEX_DIR}/{folder}.content.jsonl"
+
+
 def load_index(store: Store, folder: str) -> LoadedIndex:
-    """The folder's index in one request; empty when absent, torn or another folder's."""
+    """The folder's slim index in one request; empty when absent, torn, older or another folder's."""
     raw = store.read_bytes(index_path(folder))
     empty = FolderIndex(folder=folder)
     if raw is None:
@@ -78,15 +117,7 @@ def load_index(store: Store, folder: str) -> LoadedIndex:
         return LoadedIndex(empty, raw)
     if index.folder != folder:
         return LoadedIndex(empty, raw)
-    # An entry is trusted only for its own id (the records carry it).
-    entries = {
-        i: IndexEntry(
-            transcription=e.transcription if e.transcription is not None and e.transcription.id == i else None,
-            tokens=e.tokens if e.tokens is not None and e.tokens.id == i else None,
-        )
-        for i, e in index.entries.items()
-    }
-    return LoadedIndex(FolderIndex(folder=folder, entries=entries), raw)
+    return LoadedIndex(index, raw)
 
 
 def index_bytes(folder: str, entries: dict[str, IndexEntry]) -> bytes:
@@ -96,9 +127,10 @@ def index_bytes(folder: str, entries: dict[str, IndexEntry]) -> bytes:
 
 
 def save_index(store: Store, loaded: LoadedIndex, entries: dict[str, IndexEntry]) -> bool:
-    """Write the folder's new index unless it equals what was read; True if written.
+    """Write the folder's new slim index unless it equals what was read; True if written.
 
-    Call under the folder lock (`Store.folder_lock`), with `loaded` read under the same lock.
+    Call under the folder lock (`Store.folder_lock`), with `loaded` read under the same lock,
+    after the content it describes was written.
     """
     data = index_bytes(loaded.index.folder, entries)
     if data == loaded.raw:
@@ -107,23 +139,84 @@ def save_index(store: Store, loaded: LoadedIndex, entries: dict[str, IndexEntry]
     return True
 
 
+class ContentReader:
+    """The content file streamed once, in id order: `take(id)` for ascending ids, then `digest`.
+
+    Lines that are torn, foreign or out of order are passed over (their ids then read as absent);
+    every byte is hashed, so the caller learns the stored file's sha256 without a second read.
+    """
+
+    def __init__(self, store: Store, folder: str) -> None:
+        self._lines = store.iter_lines(content_path(folder))
+        self._hash = hashlib.sha256()
+        self._found = False
+        self._current: ContentLine | None = None
+        self._done = False
+
+    def _next(self) -> ContentLine | None:
+        for raw in self._lines:
+            self._found = True
+            self._hash.update(raw)
+            try:
+                line = ContentLine.model_validate_json(raw)
+            except (ValidationError, ValueError):
+                continue
+            if self._current is not None and line.id <= self._current.id:
+                continue  # out of order: not from merge, trust nothing about it
+            return line
+        self._done = True
+        return None
+
+    def take(self, file_id: str) -> ContentLine | None:
+        """The line of `file_id` (ids asked in ascending order), or None."""
+        while not self._done and (self._current is None or self._current.id < file_id):
+            nxt = self._next()
+            if nxt is None:
+                break
+            self._current = nxt
+        return self._current if self._current is not None and self._current.id == file_id else None
+
+    def digest(self) -> str | None:
+        """sha256 of the whole stored file (reads the rest); None if there is none."""
+        for raw in self._lines:
+            self._found = True
+            self._hash.update(raw)
+        self._done = True
+        return self._hash.hexdigest() if self._found else None
+
+
+def content_line_bytes(line: ContentLine) -> bytes:
+    return line.model_dump_json(exclude_none=True).encode() + b"\n"
+
+
+def parse_content(raw: bytes) -> Iterator[ContentLine]:
+    """Every valid line of a content file's bytes (tests and tools)."""
+    for line in raw.splitlines():
+        try:
+            yield ContentLine.model_validate_json(line)
+        except (ValidationError, ValueError):
+            continue
+
+
 def reusable_ids(
     store: Store, kind: Kind, files: Iterable[AudioFile], expect: Provenance, reusable: Reusable
 ) -> set[str]:
     """Ids of `files` whose stage `kind` this run may skip.
 
-    Per folder: one index read, then one bulk read of the intermediates of the files the index
-    does not vouch for (results of a run that never reached its merge are still found there).
+    Per folder: one read of the slim index (keys only), then one bulk read of the intermediates of
+    the files it does not vouch for (results of a run that never reached its merge are still
+    found there).
     """
     by_folder: dict[str, list[AudioFile]] = defaultdict(list)
     for f in files:
         by_folder[f.folder].append(f)
+    settings_hash = settings_sha256(expect.tokenizer_settings)
     done: set[str] = set()
     for folder, group in by_folder.items():
         loaded = load_index(store, folder)
         rest = []
         for f in group:
-            if reusable(loaded.record(kind, f.id), f, expect):
+            if loaded.vouches(kind, f, expect, settings_hash):
                 done.add(f.id)
             else:
                 rest.append(f)

@@ -7,16 +7,34 @@ failed, with the failed task's reason when there is one. `{folder}.errors.jsonl`
 per failed file. The JSONL, the errors file and the folder index (`tasks.folder_index`) are
 written atomically under the folder lock, so concurrent runs never interleave and a reader never
 sees a torn file.
+
+Memory stays flat in the folder's size for unchanged files: their records are streamed from the
+index content one line at a time, beside the sorted files, and the JSONL and the new content are
+streamed to temp files (`Store.stream_if_changed`). Only the records of files the index does not
+vouch for (new or changed: read in one bulk call), the errors and the slim index are held.
 """
 
 from __future__ import annotations
 
+import heapq
+import re
 from collections import defaultdict
 from typing import Any
 
-from tasks.folder_index import IndexEntry, load_index, save_index
+from tasks.folder_index import (
+    ContentLine,
+    ContentReader,
+    IndexEntry,
+    LoadedIndex,
+    content_line_bytes,
+    content_path,
+    entry_for,
+    load_index,
+    save_index,
+)
 from tasks.provenance import (
     own_failure,
+    settings_sha256,
     tokens_problem,
     tokens_reusable,
     transcription_problem,
@@ -33,7 +51,7 @@ from tasks.records import (
     Tokens,
     Transcription,
 )
-from tasks.storage import Kind, Store, output_name_problem, parse_intermediate
+from tasks.storage import Kind, Store, StreamWriter, output_name_problem, parse_intermediate
 
 WORST_CLIPS = 5  # flagged clips listed per folder in the report and the folder artifact
 _SIDES: tuple[tuple[Kind, str], ...] = (("transcriptions", "transcribe"), ("tokens", "tokenise"))
@@ -52,7 +70,7 @@ def merge_folder(
     files: list[AudioFile],
     store: Store,
     expect: Provenance,
-    known_errors: list[FileError] = (),
+    known_errors: list[FileError] | None = None,
     stage_errors: dict[str, str] | None = None,
     output: OutputOptions = OutputOptions(),  # noqa: B008 (frozen record: a safe default)
 ) -> FolderReport:
@@ -66,6 +84,7 @@ def merge_folder(
         output: `with_quality` adds a `quality` object to each line; `drop_flagged` moves clips
             with quality flags to the errors file (stage "quality").
     """
+    known_errors = known_errors or []
     files = sorted({f.id: f for f in files}.values(), key=lambda f: f.id)
     n_files = len(files) + len({e.id for e in known_errors} - {f.id for f in files})
     with store.folder_lock(folder):
@@ -77,82 +96,165 @@ def merge_folder(
                 folder=folder, files=n_files, lines=0, errors=errors, changed=changed,
                 jsonl=store.display(jsonl_name(folder)), errors_jsonl=store.display(errors_name(folder)),
             )
-        joined = _Joined(folder, files, store, expect, stage_errors or {}, output)
+        joined = _join(folder, files, store, expect, stage_errors or {}, output)
         errors = _one_per_file([*known_errors, *joined.errors])
-        changed = store.write_lines_if_changed(jsonl_name(folder), joined.lines)
+        changed = joined.changed
         changed |= _write_errors(store, folder, errors)
-        save_index(store, joined.index, joined.entries)
     return FolderReport(
-        folder=folder, files=n_files, lines=len(joined.lines), errors=errors,
+        folder=folder, files=n_files, lines=joined.lines, errors=errors,
         audio_seconds=joined.audio_seconds, changed=changed, jsonl=store.display(jsonl_name(folder)),
         errors_jsonl=store.display(errors_name(folder)) if errors else None,
-        new=joined.new, flagged=len(joined.flagged), worst=_worst(joined.flagged),
+        new=joined.new, flagged=joined.flagged, worst=joined.worst(),
     )
 
 
-class _Joined:
-    """One folder's records joined into lines and errors, plus its next index entries.
+def _join(
+    folder: str, files: list[AudioFile], store: Store, expect: Provenance, stage_errors: dict[str, str],
+    output: OutputOptions,
+) -> _Joined:
+    """One pass over the folder, writing its JSONL, index content and slim index.
 
-    Records come from the index when it vouches for them (same checks as reuse), otherwise from
-    the intermediates, all read in one bulk call.
+    The slim index says which records to take from the content; one it vouched for that the
+    content lacks (a crash between their writes, a hand-edited file) is read from its
+    intermediate in a second pass instead: reads, never a wrong line.
     """
+    index = load_index(store, folder)
+    settings_hash = settings_sha256(expect.tokenizer_settings)
+    vouched: dict[Kind, set[str]] = {
+        kind: {f.id for f in files if index.vouches(kind, f, expect, settings_hash)} for kind, _ in _SIDES
+    }
+    fetched: dict[Kind, dict[str, Any]] = {"transcriptions": {}, "tokens": {}}
+    for _ in range(2):
+        _read_missing(store, files, vouched, fetched)
+        joined = _Joined(expect, stage_errors, output)
+        try:
+            joined.run(folder, files, store, index, vouched, fetched)
+        except _ContentLost:
+            for kind in vouched:
+                vouched[kind] -= joined.lost[kind]
+            continue
+        return joined
+    raise AssertionError("unreachable: the second pass vouches only for what the first found")
 
-    def __init__(
-        self, folder: str, files: list[AudioFile], store: Store, expect: Provenance,
-        stage_errors: dict[str, str], output: OutputOptions,
-    ) -> None:
-        self.index = load_index(store, folder)
-        from_index: dict[Kind, dict[str, Any]] = {"transcriptions": {}, "tokens": {}}
-        for f in files:
-            t, k = self.index.record("transcriptions", f.id), self.index.record("tokens", f.id)
-            if transcription_reusable(t, f, expect):
-                from_index["transcriptions"][f.id] = t
-            if tokens_reusable(k, f, expect):
-                from_index["tokens"][f.id] = k
-        fetched = _read_missing(store, files, from_index)
-        self.lines: list[OutputLine] = []
+
+class _ContentLost(Exception):
+    """The slim index vouched for records the content does not hold: discard the pass."""
+
+
+class _Joined:
+    """One folder's records joined into lines (streamed out), errors and counts."""
+
+    def __init__(self, expect: Provenance, stage_errors: dict[str, str], output: OutputOptions) -> None:
+        self.expect, self.stage_errors, self.output = expect, stage_errors, output
         self.errors: list[FileError] = []
-        self.entries: dict[str, IndexEntry] = {}
-        self.flagged: list[tuple[Transcription, list[str]]] = []
+        self.lost: dict[Kind, set[str]] = {"transcriptions": set(), "tokens": set()}
+        self.lines = 0
         self.audio_seconds = 0.0
         self.new = 0
-        for f in files:
-            t = from_index["transcriptions"].get(f.id) or fetched["transcriptions"].get(f.id)
-            k = from_index["tokens"].get(f.id) or fetched["tokens"].get(f.id)
-            # The index keeps the latest success known for each stage, matching this run or not,
-            # so switching settings back and forth stays cheap.
-            self.entries[f.id] = IndexEntry(
-                transcription=t if isinstance(t, Transcription) else None,
-                tokens=k if isinstance(k, Tokens) else None,
-            )
-            problems = {"transcriptions": transcription_problem(t, f, expect), "tokens": tokens_problem(k, f, expect)}
-            if problems["transcriptions"] is None and problems["tokens"] is None:
-                self.new += f.id in fetched["transcriptions"] or f.id in fetched["tokens"]
-                self._add_line(t, k, output)
-                continue
-            failed = [
-                (stage, _stage_failure(kind, stage, record, f, problems[kind], stage_errors))
-                for (kind, stage), record in zip(_SIDES, (t, k), strict=True) if problems[kind] is not None
-            ]
-            self.errors.append(_combine(f.id, failed))
+        self.flagged = 0
+        self.changed = False
+        self._worst: list[tuple[tuple, dict[str, Any]]] = []  # a bounded heap of the worst flagged clips
 
-    def _add_line(self, t: Transcription, k: Tokens, output: OutputOptions) -> None:
+    def run(
+        self, folder: str, files: list[AudioFile], store: Store, index: LoadedIndex, vouched: dict[Kind, set[str]],
+        fetched: dict[Kind, dict[str, Any]],
+    ) -> None:
+        content = ContentReader(store, folder)
+        entries: dict[str, IndexEntry] = {}
+        checks = (transcription_reusable, tokens_reusable)
+        with store.stream_if_changed(jsonl_name(folder)) as out, \
+                store.stream_if_changed(content_path(folder)) as new_content:
+            for f in files:
+                stored = content.take(f.id) if f.id in vouched["transcriptions"] | vouched["tokens"] else None
+                records: dict[Kind, Any] = {}
+                for (kind, _), reusable in zip(_SIDES, checks, strict=True):
+                    if f.id in vouched[kind]:
+                        records[kind] = stored.get(kind) if stored is not None else None
+                        if not reusable(records[kind], f, self.expect):
+                            self.lost[kind].add(f.id)
+                    else:
+                        records[kind] = fetched[kind].get(f.id)
+                t, k = records["transcriptions"], records["tokens"]
+                # The index keeps the latest success known for each stage, matching this run or
+                # not, so switching settings back and forth stays cheap.
+                line = ContentLine(
+                    id=f.id, transcription=t if isinstance(t, Transcription) else None,
+                    tokens=k if isinstance(k, Tokens) else None,
+                )
+                if line.transcription is not None or line.tokens is not None:
+                    entries[f.id] = entry_for(line)
+                    new_content.write(content_line_bytes(line))
+                self._join_one(f, t, k, out)
+            if any(self.lost.values()):
+                raise _ContentLost
+            new_content.old_digest = content.digest()  # streamed already: no second read
+        self.changed = out.changed
+        save_index(store, index, entries)  # after the content it describes
+
+    def _join_one(self, f: AudioFile, t: Any, k: Any, out: StreamWriter) -> None:
+        problems = {
+            "transcriptions": transcription_problem(t, f, self.expect), "tokens": tokens_problem(k, f, self.expect),
+        }
+        if problems["transcriptions"] is None and problems["tokens"] is None:
+            if self._add_line(t, k, out):
+                # Counted once the line is written (a dropped clip is an error, not new), and only
+                # for what this run produced: a record reused, or left by an interrupted run, is not.
+                run_id = self.expect.run_id
+                self.new += run_id is not None and run_id in (t.run_id, k.run_id)
+            return
+        failed = [
+            (stage, _stage_failure(kind, stage, record, f, problems[kind], self.stage_errors))
+            for (kind, stage), record in zip(_SIDES, (t, k), strict=True) if problems[kind] is not None
+        ]
+        self.errors.append(_combine(f.id, failed))
+
+    def _add_line(self, t: Transcription, k: Tokens, out: StreamWriter) -> bool:
+        """Write the file's line; False when `drop_flagged` moved it to the errors instead."""
         flags = list(t.quality.flags) if t.quality is not None else []
         if flags:
-            self.flagged.append((t, flags))
-            if output.drop_flagged:
+            self.flagged += 1
+            self._keep_worst(t, flags)
+            if self.output.drop_flagged:
                 self.errors.append(FileError(
                     id=t.id, stage="quality", error=f"quality flags: {', '.join(flags)}; text: {t.text[:120]!r}",
                 ))
-                return
-        if output.with_quality:
+                return False
+        if self.output.with_quality:
             line: OutputLine = QualityOutputLine(
                 id=t.id, transcription=t.text, token_array=k.token_array, quality=quality_object(t, k)
             )
         else:
             line = OutputLine(id=t.id, transcription=t.text, token_array=k.token_array)
-        self.lines.append(line)
+        out.write(line.model_dump_json().encode() + b"\n")
+        self.lines += 1
         self.audio_seconds += t.duration
+        return True
+
+    def _keep_worst(self, t: Transcription, flags: list[str]) -> None:
+        """The few flagged clips most worth a look: most flags, then highest compression ratio."""
+        q = t.quality
+        badness = (-len(flags), -((q and q.compression_ratio) or 0.0), (q and q.avg_logprob) or 0.0, t.id)
+        item = (_Reverse(badness), {"id": t.id, "flags": flags, "text": t.text[:200]})
+        if len(self._worst) < WORST_CLIPS:
+            heapq.heappush(self._worst, item)
+        elif item[0] > self._worst[0][0]:
+            heapq.heapreplace(self._worst, item)
+
+    def worst(self) -> list[dict[str, Any]]:
+        return [clip for _, clip in sorted(self._worst, key=lambda item: item[0].key)]
+
+
+class _Reverse:
+    """Heap order inverted: the heap's top is the least bad of the kept clips."""
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Reverse) -> bool:
+        return self.key > other.key
+
+    def __gt__(self, other: _Reverse) -> bool:
+        return self.key < other.key
 
 
 def quality_object(t: Transcription, k: Tokens) -> dict[str, Any]:
@@ -166,14 +268,16 @@ def quality_object(t: Transcription, k: Tokens) -> dict[str, Any]:
     return quality
 
 
-def _read_missing(store: Store, files: list[AudioFile], from_index: dict[Kind, dict[str, Any]]) -> dict[Kind, dict]:
-    """The intermediates the index does not vouch for, both stages in one bulk read."""
-    wanted = [(kind, f.id) for f in files for kind, _ in _SIDES if f.id not in from_index[kind]]
+def _read_missing(
+    store: Store, files: list[AudioFile], vouched: dict[Kind, set[str]], fetched: dict[Kind, dict[str, Any]]
+) -> None:
+    """Add to `fetched` the intermediates the index does not vouch for, both stages in one bulk read."""
+    wanted = [
+        (kind, f.id) for f in files for kind, _ in _SIDES if f.id not in vouched[kind] and f.id not in fetched[kind]
+    ]
     blobs = store.read_many([store.intermediate(kind, i) for kind, i in wanted])
-    fetched: dict[Kind, dict] = {"transcriptions": {}, "tokens": {}}
     for (kind, file_id), data in zip(wanted, blobs, strict=True):
         fetched[kind][file_id] = parse_intermediate(data, file_id, Transcription if kind == "transcriptions" else Tokens)
-    return fetched
 
 
 def _stage_failure(
@@ -212,26 +316,13 @@ def _one_per_file(errors: list[FileError]) -> list[FileError]:
 
 
 def _write_errors(store: Store, folder: str, errors: list[FileError]) -> bool:
+    """True when the stored errors file changed: rewritten, or removed because none are left."""
     if errors:
         return store.write_lines_if_changed(errors_name(folder), errors)
-    store.remove(errors_name(folder))
-    return False
-
-
-def _worst(flagged: list[tuple[Transcription, list[str]]]) -> list[dict[str, Any]]:
-    """The few flagged clips most worth a look: most flags, then highest compression ratio."""
-
-    def badness(item: tuple[Transcription, list[str]]) -> tuple:
-        t, flags = item
-        q = t.quality
-        return (-len(flags), -((q and q.compression_ratio) or 0.0), (q and q.avg_logprob) or 0.0, t.id)
-
-    return [{"id": t.id, "flags": flags, "text": t.text[:200]} for t, flags in sorted(flagged, key=badness)[:WORST_CLIPS]]
+    return store.remove(errors_name(folder))
 
 
 # -- Prefect task ------------------------------------------------------------------------------
-import re  # noqa: E402
-
 from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402

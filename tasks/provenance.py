@@ -9,14 +9,18 @@ Two questions with one set of checks:
 
 What changes a transcript: the audio (source size/mtime), the decode fingerprint (engine, weights
 content hash, decode options, from the service's `/healthz`) and the requested language. What
-changes tokens: the audio and the tokeniser's settings.
+changes tokens: the audio and the tokeniser's settings. Those inputs, and nothing else, make a
+record's key (`transcription_key`, `tokens_key`): what the slim folder index stores per file, so a
+stage decides reuse without reading any text or tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
-from tasks.records import AudioFile, Failure, Provenance, SourceInfo, Tokens, Transcription
+from tasks.records import AudioFile, Failure, Provenance, Record, SourceInfo, Tokens, Transcription
 
 Stored = Transcription | Tokens | Failure | None
 
@@ -70,6 +74,50 @@ def transcription_reusable(record: Stored, file: AudioFile, expect: Provenance) 
 
 def tokens_reusable(record: Stored, file: AudioFile, expect: Provenance) -> bool:
     return tokens_problem(record, file, expect) is None
+
+
+class TranscriptionKey(Record):
+    """What made a transcription: equal keys, equal text (given a non-empty fingerprint)."""
+
+    source: SourceInfo
+    decode_fingerprint: str
+    requested_language: str | None
+
+
+class TokensKey(Record):
+    """What made tokens: the audio and a hash of the tokeniser's settings (a few bytes, not the dict)."""
+
+    source: SourceInfo
+    settings_sha256: str
+
+
+def settings_sha256(settings: dict[str, Any]) -> str:
+    """Canonical JSON's hash. Two equal dicts that serialise differently (1 vs 1.0) only cost a
+    read of the intermediate, whose full settings are then compared."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def transcription_key(record: Transcription) -> TranscriptionKey:
+    return TranscriptionKey(
+        source=record.source, decode_fingerprint=record.decode_fingerprint, requested_language=record.requested_language
+    )
+
+
+def tokens_key(record: Tokens) -> TokensKey:
+    return TokensKey(source=record.source, settings_sha256=settings_sha256(record.tokenizer_settings))
+
+
+def wanted_transcription_key(file: AudioFile, expect: Provenance) -> TranscriptionKey | None:
+    """The key of a transcription this run may reuse; None when nothing is reusable (no fingerprint)."""
+    if not expect.decode_fingerprint:
+        return None
+    return TranscriptionKey(source=file.source, decode_fingerprint=expect.decode_fingerprint,
+                            requested_language=expect.language)
+
+
+def wanted_tokens_key(file: AudioFile, expect: Provenance, settings_hash: str | None = None) -> TokensKey:
+    """`settings_hash`: `settings_sha256(expect.tokenizer_settings)`, computed once per folder by callers."""
+    return TokensKey(source=file.source, settings_sha256=settings_hash or settings_sha256(expect.tokenizer_settings))
 
 
 def own_failure(record: Stored, file: AudioFile) -> Failure | None:

@@ -95,6 +95,9 @@ class Provenance(Record):
     decode_fingerprint: str | None  # from the service's /healthz; None: the service named none, so nothing is reusable
     language: str | None  # the language this run requests (None: detect)
     tokenizer_settings: dict[str, Any]  # JSON round-tripped, as stored in Tokens.tokenizer_settings
+    # This run's id (the flow run's): stamped on every intermediate the stages write, so merge
+    # counts as `new` only what this run produced. Never part of a reuse check.
+    run_id: str | None = None
 
 
 class Transcription(Record):
@@ -111,6 +114,7 @@ class Transcription(Record):
     decode_fingerprint: str = ""  # the service's fingerprint of engine, weights hash and decode options
     requested_language: str | None = None  # what the run asked for (the `language` above is what came back)
     quality: TranscriptQuality | None = None
+    run_id: str | None = None  # the run that produced it (`Provenance.run_id`); None before it existed
 
 
 class Tokens(Record):
@@ -122,6 +126,7 @@ class Tokens(Record):
     tokenizer_settings: dict[str, Any]
     source: SourceInfo
     audio: AudioQuality | None = None
+    run_id: str | None = None  # the run that produced it (`Provenance.run_id`); None before it existed
 
 
 class Failure(Record):
@@ -181,7 +186,7 @@ class FolderReport(Record):
     changed: bool = True  # False: the stored JSONL already held exactly these lines
     jsonl: str
     errors_jsonl: str | None = None
-    new: int = 0  # files whose intermediates this run produced (the rest were reused)
+    new: int = 0  # lines with an intermediate this run produced (`run_id`); the rest were reused
     flagged: int = 0  # lines whose transcription carries quality flags
     worst: list[dict[str, Any]] = Field(default_factory=list)  # a few flagged clips: id, flags, text
 

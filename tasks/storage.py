@@ -6,8 +6,9 @@ Layout of a results root (every name a folder's outputs can take is listed, so n
   would write its JSONL onto folder `x`'s errors file, so such folders are refused
   (`output_name_problem`): with that rule no JSONL, errors file or index can share a name;
 - `transcriptions/{stem}.json`, `tokens/{stem}.json`: one intermediate per file and stage;
-- `.index/{folder}.json`: the folder's index of intermediates (`tasks.folder_index`); `.json`,
-  where every folder output ends in `.jsonl`, and hidden, so no speaker folder's output lands there;
+- `.index/{folder}.json`: the folder's slim index (provenance only) and `.index/{folder}.content.jsonl`
+  its records (`tasks.folder_index`); under a hidden folder, so no speaker folder's output lands
+  there, and the two differ in their last suffix (`.json`, `.jsonl`), so no two folders' collide;
 - `.locks/`: folder lock files (local results roots only).
 
 Atomicity: on a local disk every write goes to a temp file in the same directory, is fsynced
@@ -28,7 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import fsspec
 from filelock import FileLock
@@ -43,6 +44,33 @@ Kind = Literal["transcriptions", "tokens"]
 INTERMEDIATE_KINDS = ("transcriptions", "tokens")  # top-level folders of intermediates
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gcs", "gs", "az", "abfs", "abfss", "memory"}
+
+
+class _Unknown:
+    """The default of `old_digest`: not known, read it."""
+
+
+UNKNOWN = _Unknown()
+_CHUNK = 1 << 16  # bytes per read when hashing a stored file
+
+
+class StreamWriter:
+    """What `Store.stream_if_changed` hands out: `write` pieces; the sha256 is kept as they pass."""
+
+    def __init__(self, file: BinaryIO, old_digest: str | None | _Unknown = UNKNOWN) -> None:
+        self._file = file
+        self.old_digest = old_digest
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.changed = False
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def read_source(path: str, storage_options: dict | None = None) -> bytes:
@@ -123,9 +151,59 @@ class Store:
         self.write_bytes(relative, body)
         return True
 
-    def remove(self, relative: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def remove(self, relative: str) -> bool:
+        """Delete one file; True if there was one (so a caller can report a change)."""
+        try:
             self.fs.rm_file(self.path(relative))
+        except FileNotFoundError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def stream_if_changed(self, relative: str, old_digest: str | None | _Unknown = UNKNOWN) -> Iterator[StreamWriter]:
+        """Write a file of any size in pieces (`writer.write`), as atomically as `write_bytes`,
+        holding none of it in memory; it replaces the stored file only if its content differs
+        (`writer.changed` says whether it did). An exception inside the block writes nothing.
+
+        The bytes go to a temp file (beside the target on a local disk, renamed over it; in the
+        local temp dir for a remote root, then uploaded in one atomic PUT, multipart for a large
+        one). `old_digest` (or `writer.old_digest`, set before the block ends): the stored
+        file's sha256 when the caller streams it anyway (None: absent); by default it is read
+        here, streamed.
+        """
+        target = self.path(relative)
+        directory = os.path.dirname(target) if self.is_local else None
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = StreamWriter(f, old_digest)
+                yield writer
+                f.flush()
+                if self.is_local:
+                    os.fchmod(f.fileno(), 0o666 & ~_umask())  # as `write_bytes` does
+                    os.fsync(f.fileno())
+            stored = self.digest(relative) if isinstance(writer.old_digest, _Unknown) else writer.old_digest
+            if stored == writer.hexdigest():
+                return
+            if self.is_local:
+                os.replace(tmp, target)
+            else:
+                self._upload(tmp, target)
+            writer.changed = True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _upload(self, local: str, target: str) -> None:
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if protocols & _ATOMIC_PUT_PROTOCOLS:
+            self.fs.put_file(local, target)
+        else:
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            self.fs.put_file(local, tmp)
+            self.fs.mv(tmp, target)
 
     def sweep_stale_temps(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete temp files a killed writer left behind; returns their paths.
@@ -154,6 +232,27 @@ class Store:
             return self.fs.cat_file(self.path(relative))
         except FileNotFoundError:
             return None
+
+    def iter_lines(self, relative: str) -> Iterator[bytes]:
+        """The stored file's lines (with their newline), streamed; none if it is absent."""
+        try:
+            f = self.fs.open(self.path(relative), "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            yield from f
+
+    def digest(self, relative: str) -> str | None:
+        """sha256 of the stored file, streamed; None if it is absent."""
+        try:
+            f = self.fs.open(self.path(relative), "rb")
+        except FileNotFoundError:
+            return None
+        h = hashlib.sha256()
+        with f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
     def read_many(self, relatives: list[str]) -> list[bytes | None]:
         """Many files in one call (concurrent GETs on object stores); None where one is absent.

@@ -32,8 +32,9 @@ def tokenise_batches(
 ) -> StageReport:
     """Tokenise every file this run cannot reuse, one tokeniser call per batch.
 
-    Reuse is decided once for the shard from each folder's index (`tasks.folder_index`). Each
-    decode also measures the audio (`decode_for_tokens`), kept in the intermediate.
+    Reuse is decided once for the shard from each folder's slim index (`tasks.folder_index`:
+    keys only, no tokens). Each decode also measures the audio (`decode_for_tokens`), kept in the
+    intermediate, which carries `expect.run_id`.
 
     Raises:
         ValueError, ImportError: the tokeniser cannot be built (the whole stage fails; merge
@@ -71,7 +72,7 @@ def tokenise_batches(
                 continue
             store.write_record("tokens", Tokens(
                 id=f.id, token_array=[int(t) for t in tokens], tokenizer=tokeniser.name,
-                tokenizer_settings=fingerprint, source=f.source, audio=quality,
+                tokenizer_settings=fingerprint, source=f.source, audio=quality, run_id=expect.run_id,
             ))
             audio_seconds += len(audio) / tokeniser.sample_rate
             done += 1

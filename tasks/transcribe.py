@@ -23,7 +23,6 @@ from tasks.settings import PipelineSettings
 from tasks.storage import Store, read_source
 
 
-
 class ServiceError(RuntimeError):
     """The Whisper service could not give an answer for a request."""
 
@@ -172,8 +171,9 @@ def transcribe_files(
 ) -> StageReport:
     """Transcribe the files this run cannot reuse (`tasks.provenance`); one intermediate per file.
 
-    Reuse is decided from each folder's index (one read per folder), plus one bulk read of the
-    intermediates of the files the index does not vouch for.
+    Reuse is decided from each folder's slim index (one read per folder, keys only: no text),
+    plus one bulk read of the intermediates of the files the index does not vouch for. Each
+    record written carries `expect.run_id`.
     """
     done = reusable_ids(store, "transcriptions", files, expect, transcription_reusable)
     todo = [f for f in files if f.id not in done]
@@ -200,7 +200,7 @@ def _transcribe_one(client: ServiceClient, file: AudioFile, expect: Provenance, 
         return record
     try:
         body = client.transcribe(data, file.id.rsplit("/", 1)[-1], expect.language)
-        record = transcription_from_response(body, file, client.url, expect.language)
+        record = transcription_from_response(body, file, client.url, expect.language, expect.run_id)
     except ServiceRejectedError as e:
         stage = "decode" if e.status in (400, 415, 422) else "transcribe"
         record = Failure(id=file.id, stage=stage, error=e.reason, source=file.source)
@@ -211,7 +211,7 @@ def _transcribe_one(client: ServiceClient, file: AudioFile, expect: Provenance, 
 
 
 def transcription_from_response(
-    body: dict, file: AudioFile, service_url: str, requested_language: str | None
+    body: dict, file: AudioFile, service_url: str, requested_language: str | None, run_id: str | None = None
 ) -> Transcription:
     """The intermediate for one `POST /transcribe` answer.
 
@@ -234,7 +234,7 @@ def transcription_from_response(
         duration=float(body.get("duration") or 0.0), model=body.get("model") or "",
         service_url=service_url, source=file.source, engine=body.get("engine") or "",
         decode_fingerprint=body.get("fingerprint") or "", requested_language=requested_language,
-        quality=quality,
+        quality=quality, run_id=run_id,
     )
 
 

@@ -4,6 +4,7 @@ without Prefect or Dask, on real FLAC files; plus a filesystem that counts stora
 from __future__ import annotations
 
 import json
+import uuid
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ def write_clip(path: Path, seed: int, seconds: float = 0.4) -> Path:
     return path
 
 
-def make_corpus(root: Path, folders: dict[str, int], seed: int = 0) -> None:
+def make_corpus(root: Path, folders: dict[str, int], seed: int = 0, seconds: float = 0.4) -> None:
     for folder, n in folders.items():
         for i in range(n):
-            write_clip(root / folder / f"{folder}_{i:03d}.flac", seed * 10_000 + zlib.crc32(folder.encode()) % 1000 * 10 + i)
+            write_clip(root / folder / f"{folder}_{i:03d}.flac",
+                       seed * 10_000 + zlib.crc32(folder.encode()) % 1000 * 10 + i, seconds)
 
 
 def settings_for(audio: Path, results: str, service_url: str, **overrides: object) -> PipelineSettings:
@@ -72,7 +74,10 @@ class Run:
 def run_steps(settings: PipelineSettings, store: Store, expect: Provenance,
               output: OutputOptions = OutputOptions()) -> Run:  # noqa: B008
     """One run: both stages (a stage that raises fails "outright", as a failed task would), then
-    every folder's merge with the stage's exception text, as the flow passes it."""
+    every folder's merge with the stage's exception text, as the flow passes it. Each call is a
+    run of its own: a fresh `run_id` unless `expect` names one (as the flow stamps its run's id)."""
+    if expect.run_id is None:
+        expect = expect.model_copy(update={"run_id": uuid.uuid4().hex})
     files, discover_errors = list_audio(settings.audio_root, settings.extensions)
     run = Run()
     for name, call in (
@@ -105,6 +110,7 @@ class CountingMemoryFS(MemoryFileSystem):
 
     protocol = ("countmem", "memory")  # "memory": Store treats it as an object store (whole PUTs)
     requests: Counter = Counter()
+    bytes_read: Counter = Counter()  # by path (without protocol), what `cat_file` returned
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -120,7 +126,13 @@ class CountingMemoryFS(MemoryFileSystem):
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         self._count("get")
-        return super().cat_file(path, start, end, **kwargs)
+        data = super().cat_file(path, start, end, **kwargs)
+        CountingMemoryFS.bytes_read[self._strip_protocol(path)] += len(data)
+        return data
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        self._count("put")  # one PUT (multipart for a large file) on an object store
+        return super().put_file(lpath, rpath, *args, **kwargs)
 
     def pipe_file(self, path, value, *args, **kwargs):
         self._count("put")

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import uuid
 
-from tasks.folder_index import index_path, load_index
+from tasks.discover import list_audio, make_batches
+from tasks.folder_index import content_path, index_path, load_index, parse_content
+from tasks.provenance import settings_sha256
 from tasks.storage import Store
+from tasks.tokenise import tokenise_batches
+from tasks.transcribe import transcribe_files
 from tests.tasks.contract_service import ContractService
 from tests.tasks.steps import (
     CountingMemoryFS,
@@ -61,9 +65,10 @@ def test_a_rerun_costs_requests_per_folder_not_per_file(tmp_path):
         small = rerun_requests(tmp_path, service, per_folder=4)
         large = rerun_requests(tmp_path, service, per_folder=12)
     # Unchanged: the same count for 12 files as for 3 folders x 4 files, and a few per folder:
-    # one index read per stage, then merge's index read, JSONL read and errors-file delete.
-    assert small[0] == large[0] <= 5 * len(FOLDERS), (small, large)
-    assert small[2] == {"get": 4 * len(FOLDERS), "delete": len(FOLDERS)}, small[2]
+    # one slim-index read per stage, then merge's slim-index read, its streamed reads of the
+    # index content and of the JSONL (to compare: nothing is written), and the errors-file delete.
+    assert small[0] == large[0] <= 6 * len(FOLDERS), (small, large)
+    assert small[2] == {"get": 3 * len(FOLDERS), "open": 2 * len(FOLDERS), "delete": len(FOLDERS)}, small[2]
     # Two new files in one folder cost a bounded number more (their intermediates: a failed
     # lookup, a write and merge's read, per stage; the folder's JSONL and index rewritten).
     assert small[1] == large[1] <= small[0] + 2 * 2 * 3 + 4, (small, large)
@@ -109,7 +114,9 @@ def test_the_index_is_rewritten_only_when_it_changes_and_lists_discovered_files_
     assert index["folder"] == "p1" and sorted(index["entries"]) == ["p1/p1_000.flac", "p1/p1_002.flac"]
     entry = index["entries"]["p1/p1_000.flac"]
     assert entry["transcription"]["decode_fingerprint"] == "fp-openai-1"
-    assert entry["tokens"]["tokenizer_settings"] == expect.tokenizer_settings
+    assert entry["tokens"]["settings_sha256"] == settings_sha256(expect.tokenizer_settings)
+    content = list(parse_content((tmp_path / "results" / content_path("p1")).read_bytes()))
+    assert [c.id for c in content] == ["p1/p1_000.flac", "p1/p1_002.flac"]
 
 
 def test_an_index_claiming_another_folder_or_id_is_ignored(tmp_path):
@@ -118,3 +125,32 @@ def test_an_index_claiming_another_folder_or_id_is_ignored(tmp_path):
     assert load_index(store, "p1").index.entries == {}
     good = load_index(store, "nothing-here")
     assert good.raw is None and good.index.folder == "nothing-here"
+
+
+def test_stages_read_keys_only_never_text_or_tokens(tmp_path):
+    """Review finding 1: every stage task read and parsed the folder's full records (text, tokens,
+    quality) to decide reuse. Now a stage reads the slim index only: the same bytes for clips
+    ten times longer (ten times the tokens), ~300 bytes a file."""
+    per_clip_length = {}
+    with ContractService() as service:
+        for seconds in (0.4, 4.0):
+            audio = tmp_path / f"audio-{seconds}"
+            make_corpus(audio, {"p1": 6}, seconds=seconds)
+            settings = settings_for(audio, f"countmem://results-{uuid.uuid4().hex[:8]}", service.url)
+            store = Store(settings.results_root)
+            expect = expect_for(settings)
+            run_steps(settings, store, expect)
+            files, _ = list_audio(settings.audio_root, settings.extensions)
+            CountingMemoryFS.bytes_read.clear()
+            CountingMemoryFS.requests.clear()
+            assert transcribe_files(files, settings, store, expect).reused == 6
+            assert tokenise_batches(make_batches(files, 4), settings, store, expect).reused == 6
+            assert dict(CountingMemoryFS.requests) == {"get": 2}  # the slim index, once per stage
+            (path, read), = CountingMemoryFS.bytes_read.items()
+            assert path.endswith("/.index/p1.json")
+            content = store.read_bytes(content_path("p1"))
+            per_clip_length[seconds] = (read, len(content))
+    (short, short_content), (long, long_content) = per_clip_length[0.4], per_clip_length[4.0]
+    assert long_content > short_content + 6 * 300  # the content holds ~90 more tokens a file ...
+    assert abs(long - short) <= 2 * 6 * 4  # ... the stages read none of it (sizes, mtimes: a few digits)
+    assert long / (2 * 6) < 400, long  # ~310 bytes a file

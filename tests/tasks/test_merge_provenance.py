@@ -7,10 +7,14 @@ is a loopback server speaking the service's contract (tests.tasks.contract_servi
 from __future__ import annotations
 
 import json
+import shutil
 
+from tasks.discover import list_audio, make_batches
 from tasks.merge import merge_folder
 from tasks.records import AudioFile, FileError, OutputOptions, SourceInfo, Tokens, Transcription
 from tasks.storage import Store, output_name_problem
+from tasks.tokenise import tokenise_batches
+from tasks.transcribe import transcribe_files
 from tests.tasks.contract_service import ContractService
 from tests.tasks.steps import expect_for, make_corpus, read_jsonl, run_steps, settings_for, write_clip
 
@@ -197,3 +201,37 @@ def _source(path) -> SourceInfo:
 
     files, _ = list_audio(str(path.parent), (".flac",))
     return next(f.source for f in files if f.id == path.name)
+
+
+def test_new_counts_only_what_this_run_produced(tmp_path):
+    """Review finding 4: `new` counted every record read from an intermediate rather than the
+    index: the results of an interrupted run, every file when the index was missing, and flagged
+    clips that --drop-flagged moved to the errors (so they were both new and failed)."""
+    audio = tmp_path / "audio"
+    make_corpus(audio, {"p1": 3})
+    with ContractService(flags={"p1_002.flac": ["repetition"]}) as service:
+        settings = settings_for(audio, str(tmp_path / "results"), service.url)
+        store = Store(settings.results_root)
+        expect = expect_for(settings)
+        # A run killed after its stages, before any merge: its intermediates are all there.
+        files, _ = list_audio(settings.audio_root, settings.extensions)
+        killed = expect.model_copy(update={"run_id": "killed-run"})
+        transcribe_files(files, settings, store, killed)
+        tokenise_batches(make_batches(files, 4), settings, store, killed)
+        assert store.read_tokens("p1/p1_000.flac").run_id == "killed-run"
+        sent = len(service.requests)
+
+        resumed = run_steps(settings, store, expect)  # nothing redone: nothing new
+        assert len(service.requests) == sent and resumed.folders["p1"].lines == 3
+        assert resumed.folders["p1"].new == 0
+
+        write_clip(audio / "p1" / "p1_003.flac", 31)
+        shutil.rmtree(tmp_path / "results" / ".index")  # as after an upgrade: no index at all
+        grown = run_steps(settings, store, expect, OutputOptions(drop_flagged=True))
+        report = grown.folders["p1"]
+        assert report.new == 1 and report.lines == 3 and report.flagged == 1
+        assert [(e.id, e.stage) for e in report.errors] == [("p1/p1_002.flac", "quality")]
+
+        write_clip(audio / "p1" / "p1_002.flac", 32)  # the flagged clip redone, dropped again
+        redone = run_steps(settings, store, expect, OutputOptions(drop_flagged=True)).folders["p1"]
+        assert redone.new == 0 and redone.lines == 3 and [e.id for e in redone.errors] == ["p1/p1_002.flac"]

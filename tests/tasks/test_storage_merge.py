@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import tracemalloc
 
 import pytest
 
@@ -165,3 +166,71 @@ def test_read_many_is_glob_safe_and_reports_absent_files(store):
     store.write_bytes("p1/b.json", b"B")
     assert store.read_many(["p1/[a].json", "p1/missing.json", "p1/b.json"]) == [b"A", None, b"B"]
     assert store.read_many([]) == []
+
+
+def _big_folder(store: Store, n: int, run_id: str | None, tokens: int = 2000) -> list[AudioFile]:
+    ids = [f"p1/{i:04d}.flac" for i in range(n)]
+    for i in ids:
+        store.write_record("transcriptions", _transcription(i, text=f"text of {i} " * 20).model_copy(
+            update={"run_id": run_id}))
+        store.write_record("tokens", _tokens(i).model_copy(
+            update={"token_array": list(range(1000, 1000 + tokens)), "run_id": run_id}))
+    return _files(*ids)
+
+
+def _peak_bytes(call) -> int:
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_unchanged_merge_holds_one_record_at_a_time_not_the_folder(tmp_path):
+    """Review finding 1: merge parsed the whole folder's index (text, tokens) and held it, its
+    next entries and every line at once. Now unchanged records stream from the index content:
+    what grows with the folder is its slim index and the file list (~5 KB a file, measured), not
+    its records (~43 KB a file here as JSON, several times that parsed)."""
+    peaks, contents = {}, {}
+    for n in (20, 80):
+        store = Store(str(tmp_path / f"results-{n}"))
+        files = _big_folder(store, n, run_id="r1", tokens=8000)
+        expect = EXPECT.model_copy(update={"run_id": "r1"})
+        assert merge_folder("p1", files, store, expect).new == n  # first merge: reads intermediates
+        again = EXPECT.model_copy(update={"run_id": "r2"})
+        peaks[n] = _peak_bytes(lambda: merge_folder("p1", files, store, again))  # noqa: B023
+        report = merge_folder("p1", files, store, again)
+        assert report.lines == n and report.new == 0 and not report.changed
+        contents[n] = (tmp_path / f"results-{n}" / ".index" / "p1.content.jsonl").stat().st_size
+        assert peaks[n] < contents[n], (peaks, contents)  # never the folder's records at once
+    # 60 more files: a small fraction of their records' bytes more (the old merge: several times them).
+    assert peaks[80] - peaks[20] < (contents[80] - contents[20]) / 4, (peaks, contents)
+
+
+def test_records_the_slim_index_vouches_for_but_the_content_lacks_are_read_again(tmp_path):
+    """A crash between the content's write and the slim index's, or a torn/foreign content file:
+    merge notices the records it was promised are absent and reads their intermediates."""
+    store = Store(str(tmp_path / "results"))
+    files = _big_folder(store, 5, run_id="r1", tokens=5)
+    merge_folder("p1", files, store, EXPECT)
+    expected = store.read_bytes("p1.jsonl")
+    content = tmp_path / "results" / ".index" / "p1.content.jsonl"
+    lines = content.read_bytes().splitlines(keepends=True)
+    for damaged in (b"", lines[0] + b'{"id": "p1/0001.flac", "transcr\n' + b"".join(lines[2:]),
+                    b"".join(reversed(lines))):
+        content.write_bytes(damaged)
+        report = merge_folder("p1", files, store, EXPECT)
+        assert report.lines == 5 and report.errors == [] and store.read_bytes("p1.jsonl") == expected
+        assert content.read_bytes() == b"".join(lines)  # rewritten whole
+
+
+def test_removing_a_stale_errors_file_is_a_change(store):
+    """Review finding 14: the errors file was removed without `changed` saying so."""
+    files = _big_folder(store, 2, run_id=None, tokens=3)
+    gone = FileError(id="p1/unreadable.flac", stage="discover", error="permission denied")
+    assert merge_folder("p1", files, store, EXPECT, [gone]).changed
+    assert store.read_bytes("p1.errors.jsonl") is not None
+    report = merge_folder("p1", files, store, EXPECT)  # the JSONL is the same, the errors file goes
+    assert report.changed and store.read_bytes("p1.errors.jsonl") is None
+    assert not merge_folder("p1", files, store, EXPECT).changed
