@@ -11,304 +11,51 @@ other runs, which send heartbeats only every 180 s).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
-import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
-import soundfile as sf
 import yaml
 
-from deployments.watcher import EVENT_NAME, watch
+from deployments.watcher import EVENT_NAME
 from flows.demo import free_port
-from tests import waiting
 from tests.conftest import DEMO_AUDIO
+from tests.deployments.harness import (
+    BIN,
+    DEPLOYMENT,
+    POOL,
+    REPO,
+    SILENT_FLAC,
+    TERMINAL,
+    PrefectServer,
+    TcpForwarder,
+    copy_clips,
+    jsonl_ids,
+    prefect_server_running,
+    spawn,
+    stop,
+    tail,
+    wait_until,
+    watcher_process,
+)
 from tests.metrics import transcribe_requests
 
-REPO = Path(__file__).parents[2]
-BIN = Path(sys.executable).parent
-DEPLOYMENT = "parallel-transcribe-tokenise/parallel-transcribe-tokenise"
-POOL = "audio-pipeline"
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-CLIPS = sorted(DEMO_AUDIO.rglob("*.flac"))
-
-
-# The server is polled once a second unless a caller says otherwise.
-wait_until = functools.partial(waiting.wait_until, every=1.0)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ minus PREFECT_* (other test modules point those at their harness), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
-    return env
-
-
-def spawn(args: Sequence[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """Start `args` with stdout and stderr going to `log`."""
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([str(a) for a in args], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-
-
-@dataclass
-class PrefectServer:
-    api_url: str
-    home: Path
-    log: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return clean_env(**{"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url, **extra})
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """`prefect ARGS` from the repository root, as a user types it; must succeed."""
-        done = subprocess.run(
-            [str(BIN / "prefect"), *args], cwd=REPO, env=self.env(PREFECT_CLI_PROMPT="false"),
-            capture_output=True, text=True, timeout=timeout,
-        )
-        assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        return done
-
-    def request(self, method: str, path: str, body: object = None) -> object:
-        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def runs(self, deployment_id: str) -> list[dict]:
-        body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200}
-        return self.request("POST", "/flow_runs/filter", body)
-
-    def file_events(self, root: Path) -> tuple[int, list[dict]]:
-        """How many `audio.file.created` events of files under `root` the server has stored, and the first 50."""
-        body = {"filter": {"event": {"name": [EVENT_NAME]}, "resource": {"id_prefix": [f"audio.file.{root}/"]}}, "limit": 50}
-        page = self.request("POST", "/events/filter", body)
-        return page["total"], page["events"]
+AUTH = "admin:deploy-tests-secret"  # the module's server requires it, as docs/DEPLOY.md sets it up
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    server = PrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, log=home / "server.log")
-    # PREFECT_API_URL also tells the UI which API to call (it would say port 4200 otherwise).
-    proc = spawn([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                 server.env(), home, server.log)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.returncode}:\n{tail(server.log)}")
-        with contextlib.suppress(httpx.TransportError):
-            return httpx.get(f"{server.api_url}/health", timeout=3).status_code == 200
-        return False
-
-    try:
-        # Migrations on a fresh database take a minute and more on a busy 2-core machine.
-        wait_until(healthy, 300, "the Prefect server's /api/health", explain=lambda: tail(server.log))
+    """`prefect server start` with an auth string: every client below (CLI, worker, watcher) must use it."""
+    with prefect_server_running(tmp_path_factory.mktemp("prefect-home"), auth=AUTH) as server:
         yield server
-    finally:
-        stop(proc)
-
-
-class TcpForwarder:
-    """Listens on 127.0.0.1:`port` and forwards to 127.0.0.1:`target` while the block runs."""
-
-    def __init__(self, port: int, target: int) -> None:
-        self.port, self.target = port, target
-        self._closed = threading.Event()
-        self._sockets: list[socket.socket] = []
-
-    def __enter__(self) -> TcpForwarder:
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener.settimeout(0.2)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closed.set()
-        self._listener.close()
-        for sock in self._sockets:
-            sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-
-@contextlib.contextmanager
-def watcher_process(root: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """`audio-pipeline watch ROOT`, yielded once it is watching; Ctrl-C (SIGINT) at the end."""
-    proc = spawn([BIN / "audio-pipeline", "watch", root, "--stable-seconds", "1"], env, REPO, log)
-    try:
-        wait_until(lambda: proc.poll() is not None or "watching" in log.read_text(), 120,
-                   "the watcher to start", every=0.5, explain=lambda: tail(log))
-        assert proc.poll() is None, tail(log)
-        yield proc
-    finally:
-        code = stop(proc, signal.SIGINT)
-    assert code == 0, f"the watcher did not stop cleanly on Ctrl-C:\n{tail(log)}"
-
-
-def copy_clips(folder: Path, names: Sequence[str], start: int = 0) -> list[Path]:
-    """Demo clips copied under new names (shutil.copy: written in place, not renamed in)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, name in enumerate(names):
-        shutil.copy(CLIPS[(start + i) % len(CLIPS)], folder / name)
-        paths.append(folder / name)
-    return paths
-
-
-def silent_flac(seconds: float = 1.0) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, np.zeros(int(16_000 * seconds), np.float32), 16_000, format="FLAC")
-    return buffer.getvalue()
-
-
-SILENT_FLAC = silent_flac()
-
-
-def jsonl_ids(path: Path) -> list[str]:
-    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
-
-
-# -- the watcher alone --------------------------------------------------------------------------
-
-
-class RecordingSink:
-    """Stands in for the Prefect API: keeps what the watcher sends, with the time it arrived."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[float, object]] = []
-
-    def send(self, events) -> None:
-        self.received.extend((time.monotonic(), e) for e in events)
-
-    def ids(self, folder: str = "") -> list[str]:
-        return [e.payload["id"] for _, e in self.received if e.payload["id"].startswith(folder)]
-
-
-@contextlib.contextmanager
-def watcher_thread(root: Path, sink: RecordingSink, stable_seconds: float) -> Iterator[None]:
-    stop_event = threading.Event()
-    crashed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            watch(root, stable_seconds=stable_seconds, stop_event=stop_event, sink=sink)
-        except BaseException as e:  # shown in the test's failure message
-            crashed.append(e)
-            raise
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    # Files written before the OS watch exists are never reported: write probe files until one is.
-    probes = iter(range(1000))
-
-    def probe_reported() -> bool:
-        if any(i.startswith("probe/") for i in sink.ids()):
-            return True
-        copy_clips(root / "probe", [f"probe{next(probes)}.flac"])
-        return False
-
-    wait_until(probe_reported, 60, "the watcher to report a probe file", every=2, explain=lambda: repr(crashed))
-    try:
-        yield
-    finally:
-        stop_event.set()
-        thread.join(timeout=20)
-    assert not thread.is_alive(), "the watcher did not stop on its stop event"
-    assert not crashed
-
-
-def test_watcher_reports_complete_audio_files_only(tmp_path):
-    root = tmp_path / "audio"
-    root.mkdir()
-    sink = RecordingSink()
-    clip = CLIPS[0].read_bytes()
-    with watcher_thread(root, sink, stable_seconds=1.0):
-        folder = root / "p300"
-        folder.mkdir()
-        (folder / "notes.txt").write_text("not audio")
-        (folder / ".hidden.flac").write_bytes(clip)
-        (folder / "upload.flac.part").write_bytes(clip)
-        (folder / "gone.flac").write_bytes(clip)
-        (folder / "gone.flac").unlink()  # deleted before it was complete
-        step = len(clip) // 6 + 1
-        with (folder / "slow.flac").open("wb") as f:  # written over ~2 s, never still for 1 s
-            for start in range(0, len(clip), step):
-                if start:
-                    time.sleep(0.4)
-                f.write(clip[start : start + step])
-                f.flush()
-            last_write = time.monotonic()
-        (folder / "upload.flac.part").rename(folder / "upload.flac")  # a finished download
-        wait_until(lambda: len(sink.ids("p300/")) >= 2, 30, "events for slow.flac and upload.flac")
-        time.sleep(2)  # anything else would have arrived by now
-    assert sorted(sink.ids("p300/")) == ["p300/slow.flac", "p300/upload.flac"]
-    arrived = {e.payload["id"]: (t, e) for t, e in sink.received}
-    t_slow, slow = arrived["p300/slow.flac"]
-    assert t_slow >= last_write + 0.9, "reported before its size had been stable for 1 s"
-    assert slow.event == "audio.file.created"
-    assert slow.resource.id == f"audio.file.{root.resolve()}/p300/slow.flac"
-    assert slow.resource["audio.root"] == str(root.resolve())
-    assert slow.payload == {"audio_root": str(root.resolve()), "folder": "p300", "id": "p300/slow.flac", "size": len(clip)}
-
-
-def test_watch_command_refuses_to_start_without_an_api(tmp_path):
-    done = subprocess.run(
-        [str(BIN / "audio-pipeline"), "watch", str(tmp_path)], env=clean_env(PREFECT_HOME=str(tmp_path / "home")),
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 1
-    assert "PREFECT_API_URL is not set" in done.stderr
 
 
 @pytest.mark.slow
@@ -320,7 +67,7 @@ def test_watcher_keeps_events_while_the_api_is_down(prefect_server, tmp_path):
     proxy_port = free_port()
     server_port = int(prefect_server.api_url.split(":")[-1].split("/")[0])
     env = prefect_server.env(PREFECT_API_URL=f"http://127.0.0.1:{proxy_port}/api")
-    with watcher_process(root, env, log) as proc:
+    with watcher_process(root, env, log, tmp_path / "watch-state") as proc:
         copy_clips(root / "p230", ["p230_001_mic2.flac", "p230_002_mic2.flac"])
         wait_until(lambda: "Prefect API unreachable" in log.read_text(), 60, "the watcher to notice the outage",
                    explain=lambda: tail(log))
@@ -447,7 +194,8 @@ def watched(corpus, deployed, prefect_server) -> Iterator[Path]:
     update["trigger"] = {**automation["trigger"], "within": TEST_WINDOW_S}
     update["actions"] = [{**automation["actions"][0], "schedule_after": TEST_WINDOW_S}]
     prefect_server.request("PUT", f"/automations/{automation['id']}", update)
-    with watcher_process(corpus.audio, prefect_server.env(), prefect_server.home / "watch.log"):
+    with watcher_process(corpus.audio, prefect_server.env(), prefect_server.home / "watch.log",
+                         prefect_server.home / "watch-state"):
         yield corpus.audio
 
 
