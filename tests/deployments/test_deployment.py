@@ -11,6 +11,8 @@ other runs, which send heartbeats only every 180 s).
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import shutil
 import signal
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -88,21 +91,25 @@ def test_watcher_keeps_events_while_the_api_is_down(prefect_server, tmp_path):
 class Deployed:
     id: str
     raw: dict
+    allowed: Path  # the one root the deployment may read and write under, as its job variables say
     results: Path
     automations: list[dict]  # as `prefect deploy` created them from prefect.yaml
 
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server, whisper_service_url, tmp_path_factory) -> Iterator[Deployed]:
-    """The work pool, `prefect deploy --all` from prefect.yaml, and a process worker."""
+    """The work pool, `prefect --no-prompt deploy --all` from prefect.yaml, and a process worker."""
     prefect_server.cli("work-pool", "create", POOL, "--type", "process")
     prefect_server.cli("--no-prompt", "deploy", "--all")
     raw = prefect_server.request("GET", f"/deployments/name/{DEPLOYMENT}")
-    results = tmp_path_factory.mktemp("deployed") / "results"
+    allowed = tmp_path_factory.mktemp("allowed")
+    results = allowed / "results"
     # Triggered runs get audio_root from the event and the rest from the deployment's defaults:
-    # point those at this session's service and a temporary results root.
+    # point those at this session's service and a temporary results root, and allow only the
+    # temporary root (what a user does by editing prefect.yaml's job_variables).
     parameters = {**raw["parameters"], "results_root": str(results), "service_url": whisper_service_url}
-    prefect_server.request("PATCH", f"/deployments/{raw['id']}", {"parameters": parameters})
+    job_variables = {"env": {"AUDIO_PIPELINE_ALLOWED_ROOTS": str(allowed)}}
+    prefect_server.request("PATCH", f"/deployments/{raw['id']}", {"parameters": parameters, "job_variables": job_variables})
     log = prefect_server.home / "worker.log"
     # Started outside the repository: the deployment's pull step must find the code.
     worker = spawn([BIN / "prefect", "worker", "start", "--pool", POOL],
@@ -111,9 +118,18 @@ def deployed(prefect_server, whisper_service_url, tmp_path_factory) -> Iterator[
         wait_until(lambda: prefect_server.request("GET", f"/work_pools/{POOL}")["status"] == "READY", 120,
                    "the worker to poll the pool", explain=lambda: tail(log))
         automations = prefect_server.request("POST", "/automations/filter", {})
-        yield Deployed(id=raw["id"], raw=raw, results=results, automations=automations)
+        yield Deployed(id=raw["id"], raw=raw, allowed=allowed, results=results, automations=automations)
     finally:
         stop(worker)
+
+
+def test_the_api_refuses_events_without_the_auth_string(prefect_server):
+    """What stops strangers from posting events at all (docs/DEPLOY.md: PREFECT_SERVER_API_AUTH_STRING)."""
+    event = {"id": str(uuid.uuid4()), "occurred": "2026-01-01T00:00:00Z", "event": EVENT_NAME,
+             "resource": {"prefect.resource.id": "audio.file./etc/passwd"}, "payload": {"audio_root": "/etc"}}
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"admin:guess").decode()}):
+        answer = httpx.post(f"{prefect_server.api_url}/events", json=[event], headers=headers, timeout=30)
+        assert answer.status_code == 401, answer.text
 
 
 @pytest.mark.slow
@@ -136,7 +152,12 @@ def test_prefect_yaml_deploys_pool_limit_trigger_and_pull_step(deployed, prefect
     # The debounce is only safe while the run starts after the window that absorbed events.
     assert action["schedule_after"] >= trigger["within"] > 0
     assert action["deployment_id"] == deployed.id
+    # The event chooses the audio root and nothing else: not the results root, not the allow-list.
     assert action["parameters"] == {"audio_root": "{{ event.payload.audio_root }}"}
+    assert not action.get("job_variables")
+    assert spec["work_pool"]["job_variables"]["env"]["AUDIO_PIPELINE_ALLOWED_ROOTS"] == "flows/demo_data/audio,results"
+    assert raw["job_variables"] == spec["work_pool"]["job_variables"]
+    assert raw["schedules"] == []
 
 
 @dataclass
@@ -149,7 +170,7 @@ class Corpus:
 @pytest.fixture(scope="module")
 def corpus(deployed, prefect_server, whisper_service_url, tmp_path_factory) -> Corpus:
     """Two speakers of the demo corpus (4 files), processed by `prefect deployment run`."""
-    audio = tmp_path_factory.mktemp("corpus") / "audio"
+    audio = deployed.allowed / "corpus" / "audio"
     for folder in ("p225", "p226"):
         for clip in sorted((DEMO_AUDIO / folder).glob("*.flac"))[:2]:
             (audio / folder).mkdir(parents=True, exist_ok=True)
@@ -246,6 +267,46 @@ def test_a_burst_of_50_files_starts_one_run(watched, deployed, prefect_server, w
     assert transcribe_requests(whisper_service_url) - before == 50
     assert jsonl_ids(deployed.results / "p299.jsonl") == [f"p299/{n}" for n in names]
     assert untouched.stat().st_mtime_ns == mtime  # folders without new files are not rewritten
+
+
+def run_logs(prefect_server: PrefectServer, run_id: str) -> list[str]:
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+    return [log["message"] for log in prefect_server.request("POST", "/logs/filter", body)]
+
+
+@pytest.mark.slow
+def test_an_event_cannot_make_the_deployment_read_outside_its_allowed_roots(
+    watched, deployed, prefect_server, whisper_service_url, tmp_path
+):
+    """Regression (security): the trigger took `audio_root` from any event, so whoever could post
+    one chose which directory the worker listed and transcribed. Now the run fails at start.
+
+    NOTE: the check itself runs in the flow (`check_roots_allowed` at the top of
+    flows/pipeline.py, branch `core`); until that is merged this test fails here."""
+    outside = tmp_path / "outside"
+    (outside / "secret").mkdir(parents=True)
+    (outside / "secret" / "s_001.flac").write_bytes(SILENT_FLAC)
+    results_before = sorted((p.relative_to(deployed.results), p.stat().st_mtime_ns) for p in deployed.results.rglob("*"))
+    before_runs = {r["id"] for r in prefect_server.runs(deployed.id)}
+    before = transcribe_requests(whisper_service_url)
+    # What any process that reaches the API can send (with the auth string, here): the payload
+    # also names a results root and an allow-list, which the trigger does not pass on.
+    payload = {"audio_root": str(outside), "results_root": str(outside / "out"), "allowed_roots": "/",
+               "folder": "secret", "id": "secret/s_001.flac"}
+    prefect_server.cli("event", "emit", EVENT_NAME, "--resource-id", f"audio.file.{outside}/secret/s_001.flac",
+                       "--resource", json.dumps({"audio.root": str(outside)}), "--payload", json.dumps(payload))
+    runs = new_runs(prefect_server, deployed.id, before_runs)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["parameters"]["audio_root"] == str(outside)
+    assert run["parameters"]["results_root"] == str(deployed.results)  # the payload's is ignored
+    assert run["state_type"] == "FAILED", run["state"]
+    assert f"audio root {str(outside)!r} is outside the allowed roots" in run["state"]["message"], run["state"]
+    # It read nothing: no listing, no request, no output anywhere.
+    assert not any(m.startswith("found ") for m in run_logs(prefect_server, run["id"]))
+    assert transcribe_requests(whisper_service_url) == before
+    assert not (outside / "out").exists()
+    assert sorted((p.relative_to(deployed.results), p.stat().st_mtime_ns) for p in deployed.results.rglob("*")) == results_before
 
 
 # -- runs whose process died ------------------------------------------------------------------
