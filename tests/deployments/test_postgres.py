@@ -58,7 +58,7 @@ pytestmark = pytest.mark.slow
 def postgres_bin() -> Path | None:
     """The directory of `initdb`/`pg_ctl`: on PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
     if found := shutil.which("initdb"):
-        return Path(found).parent
+        return Path(found).resolve().parent  # /usr/local/bin/initdb may be a symlink to the real bin dir
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
     return Path(candidates[-1]).parent if candidates else None
 
