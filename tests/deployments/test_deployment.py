@@ -136,7 +136,7 @@ def test_the_api_refuses_events_without_the_auth_string(prefect_server):
 def test_prefect_yaml_deploys_pool_limit_trigger_and_pull_step(deployed, prefect_server):
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
     raw = deployed.raw
-    assert raw["entrypoint"] == "flows/pipeline.py:parallel_transcribe_tokenise"
+    assert raw["entrypoint"] == "flows.pipeline.parallel_transcribe_tokenise"
     assert raw["work_pool_name"] == POOL
     assert raw["parameters"] == spec["parameters"]
     assert set(raw["parameters"]) == {"audio_root", "results_root", "service_url", "tokenizer", "batch_size"}

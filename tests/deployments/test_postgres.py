@@ -125,7 +125,7 @@ def pg_prefect(postgres, tmp_path_factory) -> Iterator[PrefectServer]:
 class PgDeployment:
     id: str
     allowed: Path
-    results: Path
+    results: Path  # the deployment's default results root: triggered runs write there
 
 
 @pytest.fixture(scope="module")
@@ -198,11 +198,13 @@ def check_results(results: Path, ids: list[str]) -> None:
 
 def test_a_deployment_run_over_thousands_of_files_on_postgresql(pg_deployed, pg_prefect, postgres, whisper_service_url):
     audio = pg_deployed.allowed / "local" / "audio"
+    # Each audio root its own results root: a results root belongs to the audio root that first wrote it.
+    results = pg_deployed.allowed / "local" / "results"
     ids = hard_linked_corpus(audio, N_FILES)
     before = transcribe_requests(whisper_service_url)
-    run, wall = run_deployment(pg_prefect, f"audio_root={audio}")
+    run, wall = run_deployment(pg_prefect, f"audio_root={audio}", f"results_root={results}")
     assert run["state_type"] == "COMPLETED", run["state"]
-    check_results(pg_deployed.results, ids)
+    check_results(results, ids)
     assert transcribe_requests(whisper_service_url) - before == N_FILES
     measured = figures(pg_prefect, postgres, run, wall, N_FILES)
     # The runs and task runs live in PostgreSQL, not in a SQLite file under PREFECT_HOME.
