@@ -1,11 +1,12 @@
 """prefect.yaml, a process worker, `prefect deployment run`, the event trigger and the watcher.
 
-Everything is real: one `prefect server start` per module (its own PREFECT_HOME, an auth string), the Prefect
-CLI as a user types it, a `prefect worker start` subprocess, `audio-pipeline watch` and the
-Whisper service. A triggered run first waits the trigger's `schedule_after` (30 s in
-prefect.yaml, 10 s here), then the flow takes ~20-40 s on a loaded 2-core machine, so the slow
-tests share one corpus and run in file order: the watcher through an outage, deploy, a manual
-run, runs started by new files, a run an event points outside the allowed roots, and last a SIGKILLed run (its automation must not outlive it: it would crash the
+Everything is real: one `prefect server start` per module (its own PREFECT_HOME, an auth
+string), the Prefect CLI as a user types it, a `prefect worker start` subprocess,
+`audio-pipeline watch` and the Whisper service. A triggered run first waits the trigger's
+`schedule_after` (30 s in prefect.yaml, 10 s here), then the flow takes ~20-40 s on a loaded
+2-core machine, so the slow tests share one corpus and run in file order: the watcher through an
+outage, deploy, a manual run, runs started by new files, a run an event points outside the
+allowed roots, and last a SIGKILLed run (its automation must not outlive it: it would crash the
 other runs, which send heartbeats only every 180 s).
 """
 
