@@ -6,28 +6,34 @@ The deployment's trigger (prefect.yaml) turns a burst of these events into a few
 Why not `prefect.events.emit_event`: it queues the event for a background worker that, when
 the API cannot be reached, gives up after a few seconds and drops every queued event with one
 log line (measured on Prefect 3.9.1). A file whose event is lost is only picked up by the next
-event or a manual run, so the watcher keeps its own outbox and posts it to `POST /api/events`,
-which answers once the server has accepted the batch, retrying with backoff while it is down.
+event or a manual run, so the watcher keeps its own outbox on disk (`deployments.outbox`) and
+posts it to `POST /api/events`, which answers once the server has accepted the batch: retried
+with backoff while the API is down, kept across restarts, refused (4xx) events parked aside.
+
+File names the pipeline would refuse as ids (not valid UTF-8, `..` segments, control
+characters) are logged and skipped here too: one such name must not stop the watcher.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
 
-import httpx
 import watchfiles
 from prefect.client.orchestration import get_client
 from prefect.events import Event
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, temporary_settings
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deployments.outbox import EventSink, Outbox, OutboxFile, WatcherConfigError
 from tasks.discover import is_candidate
 from tasks.records import folder_of
 from tasks.settings import DEFAULT_EXTENSIONS
@@ -38,17 +44,31 @@ EVENT_NAME = "audio.file.created"
 _EVENT_NAMESPACE = uuid.UUID("6f1d3c2e-7a55-4c1e-9a0b-3e1f2d6c8b10")
 
 
-class WatcherConfigError(ValueError):
-    """The watcher cannot start with this configuration (e.g. no Prefect API to send to)."""
+class WatcherSettings(BaseSettings):
+    """The watcher process's settings (`AUDIO_PIPELINE_WATCH_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="AUDIO_PIPELINE_WATCH_", frozen=True, extra="ignore")
+
+    state_dir: Path | None = Field(
+        None, description="Outbox and parked events; default $XDG_STATE_HOME/audio-pipeline/watch/<root>."
+    )
 
 
-class EventSink(Protocol):
-    def send(self, events: Sequence[Event]) -> None:
-        """Deliver all `events` or raise `httpx.HTTPError`."""
+def default_state_dir(root: Path) -> Path:
+    """One directory per watched root, so two watchers on two roots never share an outbox."""
+    configured = WatcherSettings().state_dir
+    if configured is not None:
+        return configured
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name)[:40] or "root"
+    return base / "audio-pipeline" / "watch" / f"{slug}-{digest}"
 
 
 class PrefectEventSink:
     """Posts events to the configured Prefect server's `POST /api/events`.
+
+    Uses Prefect's client, so PREFECT_API_AUTH_STRING (or PREFECT_API_KEY) authenticates it.
 
     Raises:
         WatcherConfigError: PREFECT_API_URL is not set. Without it Prefect would start a
@@ -71,50 +91,20 @@ class PrefectEventSink:
                 client.request("POST", "/events", json=[e.model_dump(mode="json") for e in events])
 
 
-class Outbox:
-    """Events waiting for delivery, sent in order; failed sends are retried with backoff."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-    def __init__(self, sink: EventSink, first_backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 batch_size: int = 200) -> None:
-        self.sink = sink
-        self.first_backoff_s = first_backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.batch_size = batch_size
-        self._events: deque[Event] = deque()
-        self._next_try = 0.0
-        self._backoff = first_backoff_s
-        self._failing_since: float | None = None
-        self.delivered = 0
 
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def add(self, event: Event) -> None:
-        self._events.append(event)
-
-    def flush(self, now: float, force: bool = False) -> None:
-        """Send what is queued unless a retry is not due yet (`force`: try now); never raises on network errors."""
-        while self._events and (force or now >= self._next_try):
-            batch = [self._events[i] for i in range(min(self.batch_size, len(self._events)))]
-            try:
-                self.sink.send(batch)
-            except httpx.HTTPError as e:
-                if self._failing_since is None:
-                    self._failing_since = now
-                    logger.warning("Prefect API unreachable (%s); %d event(s) queued, retrying", e, len(self))
-                else:
-                    logger.debug("Prefect API still unreachable (%s); retry in %.1f s", e, self._backoff)
-                self._next_try = now + self._backoff
-                self._backoff = min(self._backoff * 2, self.max_backoff_s)
-                return
-            for _ in batch:
-                self._events.popleft()
-            self.delivered += len(batch)
-            if self._failing_since is not None:
-                logger.warning("Prefect API back after %.0f s; sent the queued events", now - self._failing_since)
-            self._failing_since = None
-            self._backoff = self.first_backoff_s
-            self._next_try = 0.0
+def unsafe_id_reason(file_id: str) -> str | None:
+    """Why `file_id` (a path relative to the root, as os.fsdecode gives it) cannot be an id, or None."""
+    try:
+        file_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name is not valid UTF-8"
+    if _CONTROL.search(file_id):
+        return "the name contains control characters"
+    if file_id.startswith("/") or any(part in ("", ".", "..") for part in file_id.split("/")):
+        return "the path has empty, '.' or '..' segments"
+    return None
 
 
 class StabilityTracker:
@@ -189,13 +179,15 @@ def watch(
     stop_event: threading.Event | None = None,
     sink: EventSink | None = None,
     poll_ms: int = 250,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> int:
     """Emit `audio.file.created` for every audio file written under `audio_root` until stopped.
 
     Files already there when the watcher starts get no event (start a run by hand for them).
     Hidden, temp (`.part`, `.tmp`, ...) and non-audio files are ignored; a temp file renamed
-    to its final name counts as new. Returns on `stop_event` or Ctrl-C, after one last try to
-    send what is still queued.
+    to its final name counts as new; names that cannot be ids are logged and skipped. Events
+    not yet delivered when the watcher stops (or dies) are sent by the next watcher of the root.
+    Returns on `stop_event` or Ctrl-C, after one last try to send what is still queued.
 
     Args:
         audio_root: the directory to watch (recursively).
@@ -205,27 +197,47 @@ def watch(
         stop_event: set it to stop the watcher (tests, embedding).
         sink: where events go; default the Prefect API from PREFECT_API_URL.
         poll_ms: how often pending files are checked when nothing else happens.
+        state_dir: the outbox's directory; default `AUDIO_PIPELINE_WATCH_STATE_DIR`, else one
+            per root under `$XDG_STATE_HOME/audio-pipeline/watch/`.
 
     Returns:
         The number of events delivered.
 
     Raises:
         FileNotFoundError: `audio_root` is not a directory.
-        WatcherConfigError: no Prefect API is configured (default sink only).
+        WatcherConfigError: no Prefect API is configured (default sink only), or another
+            watcher holds the state directory.
     """
     root = Path(audio_root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"audio root not found or not a directory: {audio_root}")
     exts = tuple(e.lower() for e in extensions)
-    outbox = Outbox(sink if sink is not None else PrefectEventSink())
-    tracker = StabilityTracker(stable_seconds)
+    sink = sink if sink is not None else PrefectEventSink()
+    store = OutboxFile(state_dir if state_dir is not None else default_state_dir(root))
+    try:
+        return _watch(root, exts, Outbox(sink, store), StabilityTracker(stable_seconds), stop_event, poll_ms)
+    finally:
+        store.close()
 
+
+def _watch(root: Path, exts: tuple[str, ...], outbox: Outbox, tracker: StabilityTracker,
+           stop_event: threading.Event | None, poll_ms: int) -> int:
     def audio_or_folder(change: watchfiles.Change, path: str) -> bool:
         if is_candidate(path, exts):
             return True
         # A folder moved in whole brings no event for the files inside it, and the files of a
         # new folder can be written before the watch on it starts: scan new folders.
         return change == watchfiles.Change.added
+
+    skipped: set[Path] = set()  # logged once each
+
+    def track(path: Path, now: float) -> None:
+        reason = unsafe_id_reason(path.relative_to(root).as_posix())
+        if reason is None:
+            tracker.touched(path, now)
+        elif path not in skipped:
+            skipped.add(path)
+            logger.warning("skipped %r: %s (the pipeline refuses it as an id; rename the file)", str(path), reason)
 
     changes_seen = watchfiles.watch(
         root, watch_filter=audio_or_folder, debounce=max(poll_ms, 100), step=50, rust_timeout=poll_ms,
@@ -235,7 +247,8 @@ def watch(
     try:
         for changes in changes_seen:
             if not started:  # the first yield comes once the OS watches are in place
-                logger.info("watching %s for new audio files (%s)", root, ", ".join(exts))
+                logger.info("watching %s for new audio files (%s); outbox in %s", root, ", ".join(exts),
+                            outbox.store.dir)
                 started = True
             now = time.monotonic()
             for change, raw in changes:
@@ -244,13 +257,15 @@ def watch(
                     tracker.removed(path)
                 elif path.is_dir():
                     for found in _audio_under(path, exts):
-                        tracker.touched(found, now)
+                        track(found, now)
                 elif is_candidate(raw, exts):
-                    tracker.touched(path, now)
+                    track(path, now)
+            events = []
             for path, size, mtime_ns in tracker.complete(now):
                 event = file_event(root, path, size, mtime_ns)
                 logger.info("new audio file %s (%d bytes)", event.payload["id"], size)
-                outbox.add(event)
+                events.append(event)
+            outbox.add(events)
             outbox.flush(now)
     except KeyboardInterrupt:  # Ctrl-C while sending rather than inside watchfiles
         pass
@@ -258,6 +273,7 @@ def watch(
         changes_seen.close()
         outbox.flush(time.monotonic(), force=True)
         if len(outbox):
-            logger.warning("stopped with %d event(s) not delivered; run the deployment by hand", len(outbox))
-        logger.info("stopped watching %s (%d events sent)", root, outbox.delivered)
+            logger.warning("stopped with %d event(s) not delivered; kept in %s for the next start",
+                           len(outbox), outbox.store.dir)
+        logger.info("stopped watching %s (%d events sent, %d parked)", root, outbox.delivered, outbox.parked)
     return outbox.delivered

@@ -41,5 +41,6 @@ def check_roots_allowed(settings: PipelineSettings) -> None:
         if not any(is_within(root, allowed) for allowed in settings.allowed_roots):
             raise RootNotAllowedError(
                 f"{label} {root!r} is outside the allowed roots ({', '.join(settings.allowed_roots)}); "
-                "set AUDIO_PIPELINE_ALLOWED_ROOTS on the worker to permit it"
+                "add it to AUDIO_PIPELINE_ALLOWED_ROOTS (for a deployment: prefect.yaml's job_variables env, "
+                "then `prefect --no-prompt deploy --all`) to permit it"
             )
