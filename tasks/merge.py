@@ -73,6 +73,9 @@ from prefect import task  # noqa: E402  (wrappers last: the functions above work
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
+from tasks.records import OutputOptions  # noqa: E402
+from tasks.settings import PipelineSettings  # noqa: E402
+
 
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes only."""
@@ -81,14 +84,37 @@ def artifact_key(*parts: str) -> str:
 
 @task(name="merge-folders", task_run_name="merge-{label}", cache_policy=NO_CACHE)
 def merge_folders(
-    folders: dict[str, list[str]], results_root: str, known_errors: list[FileError], label: str
+    plan: str, group: int, label: str, settings: PipelineSettings, failed: dict[str, str] | None = None
 ) -> list[FolderReport]:
-    """Merge each folder's intermediates into its JSONL files."""
-    store = Store(results_root)
-    return [
-        merge_folder(folder, ids, store, [e for e in known_errors if folder_of(e.id) == folder])
-        for folder, ids in sorted(folders.items())
-    ]
+    """Merge the folders of group `group` of the run plan at `plan` into their JSONL files.
+
+    `failed` maps the group's failed stage tasks ("transcribe-3") to their error, which becomes
+    the reason for the missing stage of their files.
+    """
+    return merge_group(plan, group, settings, failed or {})
+
+
+def merge_group(plan: str, group: int, settings: PipelineSettings, failed: dict[str, str]) -> list[FolderReport]:
+    """`merge_folders` without Prefect (the flow calls it in-process when the cluster is gone)."""
+    from tasks import stage_compat
+    from tasks.plan import group_files, load_group, load_plan
+    from tasks.records import folder_of
+
+    run, members = load_plan(plan), load_group(plan, group)
+    files, shards_of = group_files(run, members)
+    store = Store(settings.results_root)
+    output = OutputOptions(with_quality=settings.with_quality, drop_flagged=settings.drop_flagged)
+    reports = []
+    for folder in members.folders:
+        stage_errors: dict[str, str] = {}
+        for stage in ("transcribe", "tokenise"):
+            reasons = [failed[key] for i in shards_of.get(folder, []) if (key := f"{stage}-{i}") in failed]
+            if reasons:
+                stage_errors[stage] = reasons[0]
+        known = [e for e in members.errors if folder_of(e.id) == folder]
+        reports.append(stage_compat.merge_folder(
+            folder, files[folder], store, run.provenance, known, stage_errors, output))
+    return reports
 
 
 def publish_folder_artifact(report: FolderReport, results_root: str) -> None:
