@@ -8,6 +8,8 @@ the results root (a probe file written and removed), its owner, the tokeniser, t
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from typing import Any
 
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 
 from tasks.access import RootNotAllowedError, check_roots_allowed
 from tasks.ownership import ForeignResultsRootError, check_owner
-from tasks.plan import RUNS_DIR, tokeniser_settings
+from tasks.plan import tokeniser_settings
 from tasks.records import Provenance, Record
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
@@ -64,16 +66,37 @@ def check_roots(settings: PipelineSettings, claim: bool = False) -> None:
 
 
 def probe_results_root(results_root: str) -> None:
-    """Write and remove a small file under the results root; RunNotStartedError if that fails."""
+    """Write and remove a small file under the results root; RunNotStartedError if that fails.
+
+    Leaves no trace: on a local disk, folders the probe had to create are removed again, so a
+    run that cannot start for another reason creates nothing.
+    """
     try:
         store = Store(results_root)
-        probe = f"{RUNS_DIR}/.probe-{uuid.uuid4().hex}"
-        store.write_bytes(probe, b"probe\n")
-        store.remove(probe)
+        created = _first_missing(store.root) if store.is_local else None
+        probe = f".probe-{uuid.uuid4().hex}"
+        try:
+            store.write_bytes(probe, b"probe\n")
+            store.remove(probe)
+        finally:
+            if created:
+                shutil.rmtree(created, ignore_errors=True)
     except (OSError, ValueError, ImportError) as e:
         raise RunNotStartedError(
             f"results root {results_root!r} is not writable: {getattr(e, 'strerror', None) or e}"
         ) from e
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (what writing there would create)."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def check_tokeniser(settings: PipelineSettings) -> dict[str, Any]:
