@@ -37,23 +37,26 @@ def run_original_shape(audio: Path, results: Path, url: str) -> None:
     from prefect.cache_policies import NONE
 
     from flows.runner import make_task_runner
+    from tasks import stage_compat  # TEMPORARY: call the stage functions directly once merged
     from tasks.discover import list_audio
+    from tasks.preflight import preflight
     from tasks.records import Batch
     from tasks.settings import PipelineSettings
     from tasks.storage import Store
-    from tasks.tokenise import tokenise_batches
-    from tasks.transcribe import transcribe_files
 
     settings = PipelineSettings(audio_root=str(audio), results_root=str(results), service_url=url)
+    checked = preflight(settings)
     files, _ = list_audio(settings.audio_root, settings.extensions)
 
     @task(cache_policy=NONE)
     def transcribe_one(file):
-        return transcribe_files([file], settings, Store(settings.results_root), None)
+        return stage_compat.transcribe_files(
+            [file], settings, Store(settings.results_root), checked.provenance, checked.model, 0)
 
     @task(cache_policy=NONE)
     def tokenise_one(file):
-        return tokenise_batches([Batch(folder=file.folder, files=[file])], settings, Store(settings.results_root))
+        return stage_compat.tokenise_batches(
+            [Batch(folder=file.folder, files=[file])], settings, Store(settings.results_root), checked.provenance, 0)
 
     @flow(task_runner=make_task_runner(settings))
     def original(files):
