@@ -41,12 +41,15 @@ PER_FOLDER = 100
 
 
 def silent_corpus(root: Path, n: int, start: int = 0) -> None:
-    """`n` hard links of one silent 1 s FLAC, numbered from `start`, 100 per folder."""
+    """`n` hard links of silent 1 s FLACs, numbered from `start`, 100 per folder.
+
+    One source file per 50,000 links: ext4 allows 65,000 links to one inode.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    clip = root.parent / "silence-src.flac"
-    if not clip.exists():
-        sf.write(clip, np.zeros(16_000, np.float32), 16_000, format="FLAC")
     for i in range(start, start + n):
+        clip = root.parent / f"silence-src-{i // 50_000}.flac"
+        if not clip.exists():
+            sf.write(clip, np.zeros(16_000, np.float32), 16_000, format="FLAC")
         speaker = root / f"s{i // PER_FOLDER:04d}"
         speaker.mkdir(exist_ok=True)
         os.link(clip, speaker / f"s{i // PER_FOLDER:04d}_{i:07d}_mic1.flac")
@@ -141,12 +144,38 @@ def measure(n: int, tokenizer: str, url: str, tmp: Path) -> dict:
     }
 
 
+def discovery(n: int, tmp: Path) -> dict:
+    """Seconds to list `n` files: local hard links (scandir) and memory:// objects (bulk find)."""
+    import fsspec
+
+    from tasks.discover import scan_audio
+
+    audio = tmp / f"discovery-{n}"
+    silent_corpus(audio, n)
+    started = time.perf_counter()
+    local = scan_audio(str(audio), (".flac",))
+    local_s = time.perf_counter() - started
+    fs = fsspec.filesystem("memory")
+    for i in range(n):
+        fs.pipe_file(f"/scale-bench/s{i // PER_FOLDER:04d}/s{i // PER_FOLDER:04d}_{i:07d}_mic1.flac", b"x")
+    started = time.perf_counter()
+    remote = scan_audio("memory://scale-bench", (".flac",))
+    remote_s = time.perf_counter() - started
+    assert len(local.files) == len(remote.files) == n
+    return {"files": n, "local_scandir_s": round(local_s, 2), "memory_bulk_find_s": round(remote_s, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--rpq", type=int, nargs="*", default=[10000], help="sizes to run with rpq too")
     parser.add_argument("--out", default="scale", help="bench/results/<out>-cpu.json")
+    parser.add_argument("--discovery-only", type=int, default=0, help="only time listing N files, print JSON")
     args = parser.parse_args()
+    if args.discovery_only:
+        with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
+            print(json.dumps(discovery(args.discovery_only, Path(tmp))))
+        return
     setup_prefect_env()
     from flows.demo import local_service
 

@@ -16,6 +16,7 @@ and folders named `*.errors` (their JSONL would be another folder's errors file)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,7 +31,6 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.records import ROOT_FOLDER, AudioFile, Batch, FileError, Shard, SourceInfo, folder_of
-from tasks.storage import stem_id
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
 ERRORS_SUFFIX = ".errors"  # `{folder}.errors.jsonl`: a folder named `x.errors` would write x's errors file
@@ -76,6 +76,9 @@ def printable_id(file_id: str) -> str:
 
 def id_problem(file_id: str) -> str | None:
     """Why `file_id` cannot name files under the results root, or None if it can."""
+    if file_id.isascii() and file_id.isprintable() and "//" not in file_id and "/." not in file_id \
+            and not file_id.startswith(("/", ".")) and not file_id.endswith("/"):
+        return None  # the common case, decided in C: no control character, no '.'/'..'/empty segment
     try:
         file_id.encode("utf-8")
     except UnicodeEncodeError:
@@ -90,6 +93,7 @@ def id_problem(file_id: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def folder_problem(folder: str) -> str | None:
     """Why a folder's outputs cannot be written, or None if they can."""
     if folder == ROOT_FOLDER:
@@ -102,6 +106,12 @@ def folder_problem(folder: str) -> str | None:
         return (f"folder {folder!r} would write {folder}.jsonl, which is folder {other!r}'s errors "
                 "file; rename the folder")
     return None
+
+
+def _stem(file_id: str) -> str:
+    """`tasks.storage.stem_id` without pathlib (a million calls at discovery): `a/b.flac` -> `a/b`."""
+    head, sep, base = file_id.rpartition("/")
+    return head + sep + posixpath.splitext(base)[0]
 
 
 def _mtime(info: dict) -> str:
@@ -137,7 +147,7 @@ def scan_audio(audio_root: str, extensions: tuple[str, ...], storage_options: di
             # Not silently dropped: a FIFO would hang a reader, a broken link has nothing to read.
             why = info.get("why") or "not a regular file"
         if why is None:
-            stem = stem_id(file_id)
+            stem = _stem(file_id)
             if stem in by_stem:
                 # transcriptions/{stem}.json would hold two files' results: refuse, don't overwrite.
                 why = f"same name as {by_stem[stem]} apart from the extension; rename one"

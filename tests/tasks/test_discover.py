@@ -141,7 +141,7 @@ def test_object_keys_that_would_escape_the_results_root_are_refused():
     assert {e.id for e in listing.refused} == set(refused)
 
 
-@pytest.mark.parametrize("bad", ["../x.flac", "/abs/x.flac", "a//b.flac", "a/./b.flac", "a/b\x00.flac", "a/\x7f.flac"])
+@pytest.mark.parametrize("bad", ["../x.flac", "/abs/x.flac", "a//b.flac", "a/", ".", "./a.flac", "a/./b.flac", "a/b\x00.flac", "a/\x7f.flac"])
 def test_id_problem(bad):
     assert id_problem(bad)
 
