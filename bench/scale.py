@@ -17,6 +17,7 @@ transcription requests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
 import soundfile as sf
@@ -112,16 +114,50 @@ def prefect_db(home: Path) -> dict:
 
 
 def measure(n: int, tokenizer: str, url: str, tmp: Path) -> dict:
-    from tests.metrics import transcribe_requests
-
     audio, results, home = tmp / f"audio-{n}", tmp / f"results-{n}-{tokenizer}", tmp / f"prefect-{n}-{tokenizer}"
     if not audio.exists():
         silent_corpus(audio, n)
     home.mkdir()
-    # A Prefect home of its own (ephemeral API, SQLite there): its database size is this run's.
+    with prefect_server(home) as api_url:
+        env = {**os.environ, "PREFECT_API_URL": api_url, "AUDIO_PIPELINE_SHOW_PROGRESS": "false"}
+        return _measure(n, tokenizer, url, tmp, audio, results, home, env)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """`prefect server start` on loopback with a Prefect home (SQLite) of its own, as a deployment
+    has; its start-up (migrations) is not part of any run's wall time."""
+    from flows.demo import free_port
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
-               AUDIO_PIPELINE_SHOW_PROGRESS="false")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen([Path(sys.executable).parent / "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port), "--no-services"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
+            time.sleep(1)
+        yield api
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _measure(n, tokenizer, url, tmp, audio, results, home, env) -> dict:
+    from tests.metrics import transcribe_requests
+
     before = transcribe_requests(url)
     first = run_cli(audio, results, url, tokenizer, env, tmp / f"run-{n}-{tokenizer}.log")
     first["files_per_s"] = round(n / first["wall_s"], 1)
