@@ -100,8 +100,10 @@ def run_cli(audio: Path, results: Path, url: str, tokenizer: str, env: dict[str,
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"run exited {code}; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
+    finished = sum("Task run '" in line and "Finished in state" in line
+                   for line in log.read_text(errors="replace").splitlines())
     return {"wall_s": round(wall, 1), "flow_peak_rss_mb": round(rss.flow_bytes / 2**20),
-            "workers_peak_rss_mb": round(rss.workers_bytes / 2**20)}
+            "workers_peak_rss_mb": round(rss.workers_bytes / 2**20), "task_runs_in_log": finished}
 
 
 def prefect_db(home: Path) -> dict:
@@ -126,7 +128,8 @@ def measure(n: int, tokenizer: str, url: str, tmp: Path) -> dict:
 @contextlib.contextmanager
 def prefect_server(home: Path):
     """`prefect server start` on loopback with a Prefect home (SQLite) of its own, as a deployment
-    has; its start-up (migrations) is not part of any run's wall time."""
+    has; its start-up (migrations) is not part of any run's wall time. With its services: the task
+    run recorder is what writes task runs to the database."""
     from flows.demo import free_port
 
     port = free_port()
