@@ -178,6 +178,7 @@ def _measure(n, tokenizer, url, tmp, audio, results, home, env) -> dict:
     return {
         "files": n, "tokenizer": tokenizer, "first": first, "rerun_10_new": rerun, "prefect_db_mb": db["db_mb"],
         "shards": plan["shards"], "merge_groups": len(plan["groups"]),
+        "task_runs_submitted": 2 * plan["shards"] + len(plan["groups"]),  # each shard: 2 stage tasks; 1 merge per group
         "task_run_bound": 2 * math.ceil(n / 1024) + 64,
         "plan_json_bytes": (plans[-1] / "plan.json").stat().st_size,
     }
