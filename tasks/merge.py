@@ -98,7 +98,7 @@ def merge_group(plan: str, group: int, settings: PipelineSettings, failed: dict[
     """`merge_folders` without Prefect (the flow calls it in-process when the cluster is gone)."""
     from tasks import stage_compat
     from tasks.plan import group_files, load_group, load_plan
-    from tasks.records import folder_of
+    from tasks.records import folder_of as folder_of_id  # not the top import: that part is another helper's
 
     run, members = load_plan(plan), load_group(plan, group)
     files, shards_of = group_files(run, members)
@@ -111,7 +111,7 @@ def merge_group(plan: str, group: int, settings: PipelineSettings, failed: dict[
             reasons = [failed[key] for i in shards_of.get(folder, []) if (key := f"{stage}-{i}") in failed]
             if reasons:
                 stage_errors[stage] = reasons[0]
-        known = [e for e in members.errors if folder_of(e.id) == folder]
+        known = [e for e in members.errors if folder_of_id(e.id) == folder]
         reports.append(stage_compat.merge_folder(
             folder, files[folder], store, run.provenance, known, stage_errors, output))
     return reports
