@@ -38,6 +38,7 @@ def run_original_shape(audio: Path, results: Path, url: str) -> None:
 
     from flows.runner import make_task_runner
     from tasks.discover import list_audio
+    from tasks.preflight import preflight
     from tasks.records import Batch
     from tasks.settings import PipelineSettings
     from tasks.storage import Store
@@ -45,15 +46,17 @@ def run_original_shape(audio: Path, results: Path, url: str) -> None:
     from tasks.transcribe import transcribe_files
 
     settings = PipelineSettings(audio_root=str(audio), results_root=str(results), service_url=url)
+    checked = preflight(settings)
     files, _ = list_audio(settings.audio_root, settings.extensions)
 
     @task(cache_policy=NONE)
     def transcribe_one(file):
-        return transcribe_files([file], settings, Store(settings.results_root), None)
+        return transcribe_files([file], settings, Store(settings.results_root), checked.provenance, 0)
 
     @task(cache_policy=NONE)
     def tokenise_one(file):
-        return tokenise_batches([Batch(folder=file.folder, files=[file])], settings, Store(settings.results_root))
+        return tokenise_batches(
+            [Batch(folder=file.folder, files=[file])], settings, Store(settings.results_root), checked.provenance, 0)
 
     @flow(task_runner=make_task_runner(settings))
     def original(files):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -78,13 +79,29 @@ def _pipeline_options(f):
         click.option("--workers", "n_workers", type=int, default=None, help="Local Dask workers (CPU)."),
         click.option("--dask-address", default=None, help="Use an existing Dask scheduler."),
         click.option("--extensions", default=None, help="Comma-separated suffixes (default .flac,.wav,.mp3,.ogg)."),
+        click.option("--with-quality", is_flag=True, default=None, help="Add a `quality` object to each JSONL line."),
+        click.option("--drop-flagged", is_flag=True, default=None,
+                     help="Move clips with quality flags to {folder}.errors.jsonl (stage quality)."),
+        click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Failed files (0..1 of all) a run may have and still exit 0 / end Completed (default 0)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-@main.command()
+EXIT_CODES = """\b
+Exit codes:
+  0  every file has a line (or the failed ones are within --max-failed-fraction)
+  1  some files failed: listed here and in RESULTS/{folder}.errors.jsonl
+  2  the run could not start: bad or missing audio root, results root not writable or owned
+     by another audio root, service unreachable or refusing the token, bad settings, root not
+     in AUDIO_PIPELINE_ALLOWED_ROOTS; checked before any work, one line, nothing sent
+  3  an unexpected crash (with its traceback)
+"""
+
+
+@main.command(epilog=EXIT_CODES)
 @click.argument("audio_root")
 @_pipeline_options
 def run(audio_root: str, **flags) -> None:
@@ -171,18 +188,40 @@ def export_results(results_root: str, fmt: str, out: str, shard_size: str, with_
         sys.exit(1)
 
 def _run_and_report(preview: int = 0, **parameters) -> int:
-    """Run the flow with the given parameters (None: settings default), print the summary."""
-    from flows.pipeline import parallel_transcribe_tokenise
-    from tasks.transcribe import ServiceUnavailableError
+    """Run the flow with the given parameters (None: settings default), print the summary.
 
-    parameters = {k: v for k, v in parameters.items() if v is not None}
+    Returns the exit code (see EXIT_CODES): 3, with the traceback, for anything unexpected.
+    """
+    try:
+        return _run(preview, **parameters)
+    except Exception:  # the one place a crash becomes an exit code; the traceback is shown
+        traceback.print_exc()
+        click.echo("error: the run crashed (exit 3); the traceback above says where", err=True)
+        return 3
+
+
+def _run(preview: int, **parameters) -> int:
+    from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+
+    # None (and an unset on/off flag): not given, so the environment or the default decides.
+    parameters = {k: v for k, v in parameters.items() if v is not None and v is not False}
     # The flow builds its settings from parameters + environment; the bar is a terminal matter.
     os.environ.setdefault("AUDIO_PIPELINE_SHOW_PROGRESS", str(sys.stderr.isatty()).lower())
     if "extensions" in parameters:
         parameters["extensions"] = parameters["extensions"].split(",")
     try:
-        summary = parallel_transcribe_tokenise(**parameters)
-    except ServiceUnavailableError as e:
+        # Here, before Prefect starts: a run that cannot start says so in one line (exit 2).
+        # The flow checks again (deployment runs come through it alone) and claims the results root.
+        preflight(settings_or_error(**parameters))
+    except RunNotStartedError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    from flows.pipeline import parallel_transcribe_tokenise, summary_of
+
+    state = parallel_transcribe_tokenise(**parameters, return_state=True)
+    try:
+        summary = summary_of(state)
+    except RunNotStartedError as e:  # e.g. the audio root vanished between the checks
         click.echo(f"error: {e}", err=True)
         return 2
     click.echo("")
@@ -201,8 +240,7 @@ def _run_and_report(preview: int = 0, **parameters) -> int:
         click.echo(f"{summary.failed} file(s) failed; see {summary.results_root}/*.errors.jsonl", err=True)
         for e in summary.errors[:10]:
             click.echo(f"  {e.id} [{e.stage}] {e.error}", err=True)
-        return 1
-    return 0
+    return 1 if state.is_failed() else 0
 
 
 def _print_preview(results_root: str, n: int) -> None:

@@ -1,48 +1,46 @@
-"""The Prefect flow: discover -> (transcribe || tokenise) per shard on Dask -> merge per folder.
+"""The Prefect flow: check -> plan (on storage) -> transcribe || tokenise per shard -> merge per group.
 
-The outer flow holds the parameters users see in the UI and fails fast when the service is
-down; the inner flow runs on the Dask task runner chosen for this machine (`flows.runner`),
-which can only be picked once the parameters are known, hence the subflow.
+Every parameter a task gets is a reference (the plan's location and an index) plus the settings,
+so Prefect and Dask carry a few KB per task whatever the corpus size (DESIGN.md section 3.0).
+The flow's own task runner is started once the settings are validated (`PipelineTaskRunner`),
+so the task runs show on the run users open.
+
+Outcomes (README "Exit codes"): a run that cannot start raises `RunNotStartedError` before any
+work; a run whose failed files exceed `max_failed_fraction` ends Failed, with the summary as data.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from uuid import UUID
 
 import dask
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
+from prefect.states import Failed, State
 
-from flows.runner import GPU_RESOURCE, make_task_runner, uses_gpu_resources, worker_count
+from flows.artifacts import Progress, publish_run_artifacts, report_progress, start_progress
+from flows.runner import GPU_RESOURCE, PipelineTaskRunner, uses_gpu_resources, worker_count
 from flows.watchdog import NoWorkersWatchdog, finished
-from tasks.discover import group_folders, list_audio, make_batches, make_shards
-from tasks.merge import merge_folders, publish_folder_artifact
-from tasks.records import (
-    AudioFile,
-    FileError,
-    FolderReport,
-    OutputOptions,
-    Provenance,
-    RunSummary,
-    Shard,
-    StageReport,
-    folder_of,
-)
+from tasks.manifest import write_manifest
+from tasks.merge import merge_folders, merge_group
+from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
+from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+from tasks.records import FileError, FolderReport, RunSummary
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
-from tasks.tokenise import tokenise_shard, tokeniser_for
-from tasks.transcribe import check_service, transcribe_shard
+from tasks.tokenise import tokenise_shard
+from tasks.transcribe import transcribe_shard
+
+STAGES = ("transcribe", "tokenise")
+REASON_CHARS = 1000  # a failed task's error as passed to its merge: bounded, like every parameter
 
 
-@flow(name="parallel-transcribe-tokenise", log_prints=True)
+@flow(name="parallel-transcribe-tokenise", log_prints=True, task_runner=PipelineTaskRunner())
 def parallel_transcribe_tokenise(
     audio_root: str,
     results_root: str | None = None,
@@ -52,7 +50,10 @@ def parallel_transcribe_tokenise(
     extensions: list[str] | None = None,
     dask_address: str | None = None,
     n_workers: int | None = None,
-) -> RunSummary:
+    with_quality: bool | None = None,
+    drop_flagged: bool | None = None,
+    max_failed_fraction: float | None = None,
+) -> RunSummary | State:
     """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
 
     A parameter left empty falls back to the worker's `AUDIO_PIPELINE_*` environment, then to
@@ -67,160 +68,222 @@ def parallel_transcribe_tokenise(
         extensions: Audio suffixes to pick up (default .flac .wav .mp3 .ogg).
         dask_address: An existing Dask scheduler; empty starts a local cluster.
         n_workers: Local Dask workers when there is no GPU (default: one per 2 cores, up to 4).
+        with_quality: Add a `quality` object to each JSONL line (default false).
+        drop_flagged: Move clips with quality flags to `{folder}.errors.jsonl` (default false).
+        max_failed_fraction: Failed files (0..1 of all) the run may have and still end Completed (default 0).
     """
-    return run_pipeline(settings_from_parameters(
+    settings = settings_from_parameters(
         audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
         batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
-    ))
+        with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
+    )
+    summary = run_pipeline(settings)
+    if too_many_failed(summary, settings.max_failed_fraction):
+        # Returned, not raised: the run ends Failed with this message and no traceback in its log;
+        # a direct call raises it, and `summary_of(state)` gives the summary back.
+        message = failed_message(summary, settings.max_failed_fraction)
+        return Failed(message=message, data=FilesFailedError(message, summary))
+    return summary
+
+
+class FilesFailedError(RuntimeError):
+    """More files failed than `max_failed_fraction` allows; everything else was written."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self):  # picklable with its summary (Prefect may persist the state's data)
+        return type(self), (str(self), self.summary)
 
 
 def settings_from_parameters(**parameters: object) -> PipelineSettings:
-    """Flow parameters over `AUDIO_PIPELINE_*` env over defaults: None means "not given"."""
-    return PipelineSettings(**{k: v for k, v in parameters.items() if v is not None})
+    """Flow parameters over `AUDIO_PIPELINE_*` env over defaults: None means "not given".
+
+    Raises:
+        RunNotStartedError: a value is invalid (one line naming it).
+    """
+    return settings_or_error(**parameters)
+
+
+def too_many_failed(summary: RunSummary, max_failed_fraction: float) -> bool:
+    return summary.failed > 0 and summary.failed > max_failed_fraction * max(summary.files, 1)
+
+
+def failed_message(summary: RunSummary, max_failed_fraction: float) -> str:
+    allowed = f" (more than the {max_failed_fraction:.2%} allowed)" if max_failed_fraction else ""
+    return (f"{summary.failed} of {summary.files} files failed{allowed}; "
+            f"see {summary.results_root}/*.errors.jsonl")
+
+
+def summary_of(state: State) -> RunSummary:
+    """The RunSummary of a finished run, Completed or Failed with files failing.
+
+    Raises:
+        the run's exception when it failed for another reason (could not start, crashed).
+    """
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, RunSummary):
+        return result
+    if isinstance(result, FilesFailedError):
+        return result.summary
+    if isinstance(result, BaseException):
+        raise result
+    raise RuntimeError(f"the run ended {state.type.value} without a summary: {state.message}")
 
 
 def run_pipeline(settings: PipelineSettings) -> RunSummary:
-    """Everything the flow does, for callers that already hold settings (CLI, tests)."""
+    """Everything the flow does, for callers that already hold settings (CLI, tests).
+
+    Raises:
+        RunNotStartedError: a check failed; nothing was scheduled.
+    """
     logger = get_run_logger()
     started = time.monotonic()
-    health = check_service(settings)  # before any work is scheduled
-    for leftover in Store(settings.results_root).sweep_stale_temps():
+    checked = preflight(settings, claim=True)  # before any work is scheduled
+    store = Store(settings.results_root)
+    for leftover in store.sweep_stale_temps():
         logger.info("removed %s, a temp file an earlier run was killed while writing", leftover)
-    files, discover_errors = list_audio(settings.audio_root, settings.extensions)
-    logger.info("found %d audio files under %s (%d refused)", len(files), settings.audio_root, len(discover_errors))
-    ids_by_folder: dict[str, list[AudioFile]] = defaultdict(list)
-    for f in files:
-        ids_by_folder[f.folder].append(f)
-    for e in discover_errors:
-        ids_by_folder.setdefault(folder_of(e.id), [])
-    shards = make_shards(make_batches(files, settings.batch_size), worker_count(settings), settings.shard_max_files)
-    groups = group_folders(sorted(ids_by_folder), settings.merge_max_tasks)
-    share_api_url_with_workers()
-    # Artifacts live on this run (the one users open from the deployment), not on the subflow.
-    progress = create_progress_artifact(progress=0.0, key="progress", description="Shard-stages done")
-    inner = process_shards.with_options(task_runner=make_task_runner(settings))
-    expect = Provenance(
-        decode_fingerprint=health.get("fingerprint"), language=settings.language,
-        tokenizer_settings=json.loads(json.dumps(tokeniser_for(settings).settings)),
+    context = FlowRunContext.get()
+    run_id = new_run_id(str(context.flow_run.id) if context and context.flow_run else None)
+    # Every intermediate this run writes carries its id, so reports count what it produced (`new`).
+    provenance = checked.provenance.model_copy(update={"run_id": run_id})
+    try:
+        plan, refused = build_plan(settings, provenance, checked.model, worker_count(settings), run_id)
+    except FileNotFoundError as e:  # the root vanished since the check
+        raise RunNotStartedError(str(e)) from e
+    for old in prune_runs(settings.results_root, current=run_id):
+        logger.debug("removed the plan of run %s", old)
+    logger.info(
+        "found %d audio files in %d folders under %s (%d refused); plan: %d shards, %d merge groups at %s",
+        plan.files, plan.folders, settings.audio_root, plan.refused, plan.shards,
+        len(plan.groups), plan.location,
     )
-    reports = inner(shards, groups, dict(ids_by_folder), discover_errors, settings, expect, progress)
-    for report in reports:
-        if report.changed:  # a triggered run for 2 new files publishes 1 folder, not all 110
-            publish_folder_artifact(report, settings.results_root)
+    for e in refused[:10]:
+        logger.warning("refused %s: %s", e.id, e.error)
+    share_api_url_with_workers()
+    progress = start_progress(plan.shards)
+    runner = context.task_runner if context else None
+    if isinstance(runner, PipelineTaskRunner):
+        runner.start(settings)
+    reports = process_plan(plan, settings, progress)
+    folders = {r.folder for r in reports}
     # Kept, not deleted: an unreadable mount or a narrower --extensions also makes folders vanish.
-    stale = sorted(Store(settings.results_root).folders_with_results() - set(ids_by_folder))
+    stale = sorted(store.folders_with_results() - folders)
     if stale:
         logger.warning(
             "%d folder(s) have results but no audio under %s any more (kept; delete them if those "
             "speakers were removed on purpose): %s", len(stale), settings.audio_root,
             ", ".join(f"{f}.jsonl" for f in stale[:10]),
         )
-    summary = summarise(reports, settings, time.monotonic() - started, stale)
-    create_table_artifact(
-        key="run-summary", table=[summary_row(summary)],
-        description=f"audio-pipeline run over {settings.audio_root}",
+    summary = summarise(reports, settings, time.monotonic() - started, stale, refused)
+    manifest = write_manifest(
+        settings.results_root, settings=settings, health=checked.health, summary=summary, run_id=run_id,
+        tokenizer_settings=provenance.tokenizer_settings,
+    )
+    publish_run_artifacts(
+        reports, settings.results_root, wall_seconds=summary.wall_seconds, audio_root=settings.audio_root,
+        stale_folders=stale,
     )
     logger.info(
-        "%d files -> %d lines, %d failed, %.3f audio hours, %.1f files/s; results in %s",
-        summary.files, summary.lines, summary.failed, summary.audio_hours,
-        summary.files_per_second, summary.results_root,
+        "%d files: %d new, %d reused, %d failed, %d flagged -> %d lines; %.3f audio hours, %.1f new files/s; "
+        "results in %s (manifest %s)",
+        summary.files, summary.new, summary.files - summary.new - summary.failed, summary.failed,
+        summary.flagged, summary.lines, summary.audio_hours, summary.new / max(summary.wall_seconds, 1e-9),
+        store.display("").rstrip("/"), manifest,
     )
     return summary
 
 
-@flow(name="transcribe-tokenise-merge")
-def process_shards(
-    shards: list[Shard],
-    groups: list[list[str]],
-    ids_by_folder: dict[str, list[AudioFile]],
-    discover_errors: list[FileError],
-    settings: PipelineSettings,
-    expect: Provenance,
-    progress: UUID,
-) -> list[FolderReport]:
-    """Map both stages over the shards; merge each folder group as soon as its shards are done."""
+def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) -> list[FolderReport]:
+    """Submit both stages per shard, each group's merge once its shards are done; collect reports."""
     logger = get_run_logger()
-    stage_futures: list[tuple[PrefectFuture, Shard]] = []
-    stage_of: dict[int, str] = {}
-    for shard in shards:
-        stage_futures.append((transcribe_shard.submit(shard, settings, expect), shard))
-        stage_of[id(stage_futures[-1][0])] = "transcribe"
-        if uses_gpu_resources(settings):
-            with dask.annotate(resources={GPU_RESOURCE: 1}):
-                stage_futures.append((tokenise_shard.submit(shard, settings, expect), shard))
-        else:
-            stage_futures.append((tokenise_shard.submit(shard, settings, expect), shard))
-        stage_of[id(stage_futures[-1][0])] = "tokenise"
-    stage_errors: dict[str, dict[str, str]] = defaultdict(dict)
-    output = OutputOptions(with_quality=settings.with_quality, drop_flagged=settings.drop_flagged)
-
-    group_of = {folder: i for i, group in enumerate(groups) for folder in group}
-    pending = [0] * len(groups)
-    for _, shard in stage_futures:
-        for i in {group_of[folder] for folder in shard.folders}:
-            pending[i] += 1
+    gpu = uses_gpu_resources(settings)
+    stage_futures: dict[str, PrefectFuture] = {}
+    for i in range(plan.shards):
+        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings)
+        with dask.annotate(resources={GPU_RESOURCE: 1}) if gpu else contextlib.nullcontext():
+            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings)
+    key_of = {f.task_run_id: key for key, f in stage_futures.items()}
+    waiting = {g.index: {f"{s}-{i}" for i in g.shards for s in STAGES} for g in plan.groups}
+    failed: dict[str, str] = {}
     merges: dict[int, PrefectFuture] = {}
-    reports: dict[int, list[FolderReport]] = {}
 
-    def folders_of(i: int) -> dict[str, list[AudioFile]]:
-        return {folder: ids_by_folder[folder] for folder in groups[i]}
+    def submit_merge(index: int) -> None:
+        group = plan.groups[index]
+        mine = {k: failed[k] for k in sorted({f"{s}-{i}" for i in group.shards for s in STAGES}) if k in failed}
+        merges[index] = merge_folders.submit(plan.location, index, group.label, settings, mine)
 
-    def label_of(i: int) -> str:
-        return groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}-to-{groups[i][-1]}"
+    for index, keys in waiting.items():
+        if not keys:  # folders whose every file was refused at discovery
+            submit_merge(index)
+    groups_of: dict[str, list[int]] = {}
+    for index, keys in waiting.items():
+        for key in keys:
+            groups_of.setdefault(key, []).append(index)
 
-    def submit_merge(i: int) -> None:
-        merges[i] = merge_folders.submit(
-            folders_of(i), settings.results_root, discover_errors, label_of(i), expect,
-            {f: dict(stage_errors[f]) for f in groups[i] if f in stage_errors}, output,
-        )
-
-    def shard_stage_over(shard: Shard) -> None:
-        for i in {group_of[folder] for folder in shard.folders}:
-            pending[i] -= 1
-            if pending[i] == 0 and not watchdog.gave_up.is_set():
-                submit_merge(i)
-
-    for i, count in enumerate(pending):
-        if count == 0:  # folders whose every file was refused at discovery
-            submit_merge(i)
-    shard_of = {id(f): s for f, s in stage_futures}
-    done = 0
-    watchdog = NoWorkersWatchdog(FlowRunContext.get().task_runner.client, settings.no_workers_timeout_s)
-    with watchdog, terminal_progress(settings.show_progress, total=2 * sum(s.n_files for s in shards)) as advance:
-        unfinished = {id(f): f for f, _ in stage_futures}
-        for future in finished([f for f, _ in stage_futures], watchdog.gave_up):
-            del unfinished[id(future)]
-            done += 1
-            shard = shard_of[id(future)]
-            if _report_or_none(future) is None:
-                logger.error("a stage task of shard %d failed; its files will be reported as failed", shard.index)
-                for folder in shard.folders:
-                    stage_errors[folder][stage_of[id(future)]] = _failure_text(future)
-            update_progress_artifact(progress, progress=100.0 * done / len(stage_futures))
-            advance(shard.n_files)
-            shard_stage_over(shard)
-        merge_futures = {id(f): i for i, f in merges.items()}
-        for future in finished(list(merges.values()), watchdog.gave_up):
-            reports[merge_futures[id(future)]] = future.result()
-    if watchdog.gave_up.is_set():
+    stages_done: dict[int, int] = {}
+    client = runner_client()
+    watchdog = NoWorkersWatchdog(client, settings.no_workers_timeout_s) if client else None
+    gave_up = watchdog.gave_up if watchdog else threading.Event()  # never set without a Dask client
+    with watchdog or contextlib.nullcontext(), terminal_progress(settings.show_progress, total=len(stage_futures)) as advance:
+        for done, future in enumerate(finished(list(stage_futures.values()), gave_up), start=1):
+            key = key_of[future.task_run_id]
+            reason = failure_reason(future)
+            if reason is not None:
+                failed[key] = reason
+                logger.error("%s failed (its files will be reported failed with this reason): %s", key, reason)
+            shard = int(key.rsplit("-", 1)[1])
+            stages_done[shard] = stages_done.get(shard, 0) + 1
+            if stages_done[shard] == len(STAGES):
+                report_progress(progress, sum(n == len(STAGES) for n in stages_done.values()))
+            advance(1)
+            for index in groups_of.get(key, []):
+                waiting[index].discard(key)
+                if not waiting[index] and not gave_up.is_set():
+                    submit_merge(index)
+        reports: dict[int, list[FolderReport]] = {}
+        index_of = {f.task_run_id: i for i, f in merges.items()}
+        for future in finished(list(merges.values()), gave_up):
+            reports[index_of[future.task_run_id]] = future.result()
+    if gave_up.is_set():
+        unfinished = [k for k, f in stage_futures.items() if not f.state.is_final()]
         logger.error(
             "the Dask cluster has had no workers for %.0f s: giving up on %d unfinished shard-stages "
             "and merging %d folder groups in this process (unfinished files are reported as failed; "
             "finished work is kept, so a rerun does only what is missing). Start workers, then run again.",
-            settings.no_workers_timeout_s, len(unfinished), len(groups) - len(reports),
+            settings.no_workers_timeout_s, len(unfinished), len(plan.groups) - len(reports),
         )
-        watchdog.cancel([*unfinished.values(), *merges.values()])
-        for future in unfinished.values():
-            shard_stage_over(shard_of[id(future)])
-        for i in range(len(groups)):  # in this process: there is no worker to run them
-            if i not in reports:
-                reports[i] = merge_folders(
-                    folders_of(i), settings.results_root, discover_errors, label_of(i), expect,
-                    {f: dict(stage_errors[f]) for f in groups[i] if f in stage_errors}, output,
-                )
+        watchdog.cancel([*stage_futures.values(), *merges.values()])
+        for key in unfinished:
+            failed.setdefault(key, f"never ran: the Dask cluster had no workers for {settings.no_workers_timeout_s:.0f} s")
+        for group in plan.groups:  # in this process: there is no worker to run them
+            if group.index not in reports:
+                mine = {k: v for k, v in failed.items() if int(k.rsplit("-", 1)[1]) in group.shards}
+                reports[group.index] = merge_group(plan.location, group.index, settings, mine)
     if not stage_futures:
-        update_progress_artifact(progress, progress=100.0)
+        report_progress(progress, 0)
     return [report for i in sorted(reports) for report in reports[i]]
+
+
+def runner_client():
+    """The Dask client of this flow's task runner, or None (another runner was chosen)."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    if isinstance(runner, PipelineTaskRunner) and runner.dask is not None:
+        return runner.client
+    return getattr(runner, "client", None)
+
+
+def failure_reason(future: PrefectFuture) -> str | None:
+    """The failed task's exception as text (bounded), or None when it completed."""
+    future.wait()
+    state = future.state
+    if state.is_completed():
+        return None
+    error = state.result(raise_on_failure=False)
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else (state.message or state.name)
+    return f"the {state.name.lower()} task {future.task_run_id} ended with {text}"[:REASON_CHARS]
 
 
 def share_api_url_with_workers() -> None:
@@ -241,51 +304,30 @@ def share_api_url_with_workers() -> None:
 
 @contextlib.contextmanager
 def terminal_progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over file-stages (each file is transcribed and tokenised), or a no-op."""
+    """A rich progress bar over shard-stages (each shard is transcribed and tokenised), or a no-op."""
     if not enabled:
         yield lambda n: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("file-stages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("shard-stages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
         task_id = bar.add_task("stages", total=total)
         yield lambda n: bar.advance(task_id, n)
 
 
-def _report_or_none(future: PrefectFuture) -> StageReport | None:
-    future.wait()
-    if future.state.is_completed():
-        return future.result()
-    return None
-
-
-def _failure_text(future: PrefectFuture) -> str:
-    """The exception a failed task raised, as one line (what merge reports for its files)."""
-    try:
-        future.result(raise_on_failure=True)
-    except BaseException as e:  # noqa: BLE001 (any task failure is reported, never raised here)
-        return f"{type(e).__name__}: {e}".splitlines()[0][:500]
-    return future.state.message or "the task did not complete"
-
-
 def summarise(
-    reports: list[FolderReport], settings: PipelineSettings, wall_seconds: float, stale_folders: list[str] = ()
+    reports: list[FolderReport], settings: PipelineSettings, wall_seconds: float, stale_folders: list[str] = (),
+    refused: list[FileError] = (),
 ) -> RunSummary:
-    files = sum(r.files for r in reports)
-    errors = [e for r in reports for e in r.errors]
+    files = sum(r.files for r in reports) + len(refused)
+    errors = [e for r in reports for e in r.errors] + list(refused)
+    # Clips moved out by --drop-flagged are a choice, not a failure: counted as flagged only.
+    failed = {e.id for e in errors if e.stage != "quality"}
     return RunSummary(
         folders=len(reports), files=files, lines=sum(r.lines for r in reports),
-        failed=len({e.id for e in errors}), audio_hours=sum(r.audio_seconds for r in reports) / 3600,
+        failed=len(failed), audio_hours=sum(r.audio_seconds for r in reports) / 3600,
         wall_seconds=wall_seconds, files_per_second=files / wall_seconds if wall_seconds > 0 else 0.0,
         results_root=settings.results_root, errors=errors, stale_folders=list(stale_folders),
+        new=sum(r.new for r in reports), flagged=sum(r.flagged for r in reports),
     )
-
-
-def summary_row(summary: RunSummary) -> dict[str, object]:
-    return {
-        "folders": summary.folders, "files": summary.files, "lines": summary.lines,
-        "failed": summary.failed, "audio_hours": round(summary.audio_hours, 4),
-        "files_per_s": round(summary.files_per_second, 2), "wall_s": round(summary.wall_seconds, 1),
-        "results": summary.results_root,
-    }

@@ -21,10 +21,12 @@ this process (`processes=False`), and an existing scheduler is refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from fsspec.core import split_protocol
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from tasks.settings import PipelineSettings
@@ -117,3 +119,50 @@ def worker_count(settings: PipelineSettings, gpus: int | None = None) -> int:
 
 def uses_gpu_resources(settings: PipelineSettings, gpus: int | None = None) -> bool:
     return cluster_plan(settings, gpus)["kind"] == "local-cuda"
+
+
+class PipelineTaskRunner(TaskRunner):
+    """The flow's task runner: Dask, built by `start(settings)` once the flow has its settings.
+
+    The task runner must be the flow's own (so the task runs show on the run users open, not on
+    a subflow), yet which Dask cluster to start depends on the parameters, known only inside the
+    flow. Prefect enters this runner when the flow starts (cheap: nothing is built); the flow
+    validates its settings and plans the run, then calls `start`, which enters the
+    `DaskTaskRunner` that `make_task_runner` chooses. Submits go to it; it closes with the flow.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stack = contextlib.ExitStack()
+        self.dask: DaskTaskRunner | None = None
+
+    def duplicate(self) -> PipelineTaskRunner:
+        return type(self)()
+
+    def start(self, settings: PipelineSettings) -> DaskTaskRunner:
+        if self.dask is None:
+            self.dask = self._stack.enter_context(make_task_runner(settings))
+        return self.dask
+
+    @property
+    def client(self):
+        if self.dask is None:
+            raise RuntimeError("the task runner is not started: call start(settings) first")
+        return self.dask.client
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        if self.dask is None:
+            raise RuntimeError("the task runner is not started: call start(settings) first")
+        return self.dask.submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+    def map(self, task, parameters, wait_for=None):
+        if self.dask is None:
+            raise RuntimeError("the task runner is not started: call start(settings) first")
+        return self.dask.map(task, parameters, wait_for=wait_for)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.__exit__(*exc)
+        finally:
+            self.dask = None
+            super().__exit__(*exc)

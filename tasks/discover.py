@@ -1,28 +1,62 @@
-"""List audio under a root (any fsspec URL), cut it into batches, pack batches into shards.
+"""List audio under a root (any fsspec URL), refuse unsafe ids, cut batches, pack shards.
 
 Prefect costs ~0.1 s and one recorded task run per task (and its UI struggles past a few
 thousand runs: prefect#8579, #12877, #16299), so a task takes a shard of many batches and the
 number of shards grows with the corpus only up to `shard_max_files` per shard.
+
+Listing is one bulk call on object stores (`find(detail=True)`: size and ETag/mtime come with
+the listing, no request per file) and one `scandir` per directory on a local disk. Each file is
+held as a small `Listed` tuple until `tasks.plan` packs it into a shard on storage.
+
+An id is a path under the results root too (`transcriptions/{id}.json`, `{folder}.jsonl`), so
+ids that could escape it or collide are refused here, each as an error of its own (issue 13):
+`..`/`.`/empty segments, absolute paths, control characters, names that are not valid UTF-8,
+and folders named `*.errors` (their JSONL would be another folder's errors file).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import posixpath
 import stat
+import unicodedata
 from collections import defaultdict
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.records import AudioFile, Batch, FileError, Shard, SourceInfo, folder_of
-from tasks.storage import stem_id
+from tasks.records import ROOT_FOLDER, AudioFile, Batch, FileError, Shard, SourceInfo, folder_of
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
+ERRORS_SUFFIX = ".errors"  # `{folder}.errors.jsonl`: a folder named `x.errors` would write x's errors file
 
 logger = logging.getLogger(__name__)
+
+
+class Listed(NamedTuple):
+    """One audio file as discovery holds it: ~200 bytes, not a pydantic model per file."""
+
+    id: str
+    size: int
+    mtime: str
+
+
+class Listing(NamedTuple):
+    """What discovery found: files sorted by id, errors per file, and ids refused for their folder."""
+
+    root: str  # the root as the filesystem names it (no protocol)
+    files: list[Listed]
+    errors: list[FileError]  # belong to a folder that can be written: go to its errors file
+    refused: list[FileError]  # their folder itself is unsafe: reported in the run summary only
+
+    def path_of(self, fs: fsspec.AbstractFileSystem, file_id: str) -> str:
+        full = f"{self.root.rstrip('/')}/{file_id}"
+        return full if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(full)
 
 
 def is_candidate(name: str, extensions: tuple[str, ...]) -> bool:
@@ -33,6 +67,53 @@ def is_candidate(name: str, extensions: tuple[str, ...]) -> bool:
     return base.lower().endswith(extensions)
 
 
+def printable_id(file_id: str) -> str:
+    """The id as text that can be written to JSON and a terminal: bytes that are not UTF-8
+    (surrogate-escaped by os.fsdecode) become `\\xe9`, control characters `\\x01`."""
+    text = file_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
+
+
+def id_problem(file_id: str) -> str | None:
+    """Why `file_id` cannot name files under the results root, or None if it can."""
+    if file_id.isascii() and file_id.isprintable() and "//" not in file_id and "/." not in file_id \
+            and not file_id.startswith(("/", ".")) and not file_id.endswith("/"):
+        return None  # the common case, decided in C: no control character, no '.'/'..'/empty segment
+    try:
+        file_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name is not valid UTF-8 (rename the file or folder)"
+    if file_id.startswith("/"):
+        return "an absolute path, not a path under the audio root"
+    segments = file_id.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        return "a path with an empty, '.' or '..' segment could escape the results root"
+    if any(unicodedata.category(c) == "Cc" for c in file_id):
+        return "the name contains control characters (rename it)"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def folder_problem(folder: str) -> str | None:
+    """Why a folder's outputs cannot be written, or None if they can."""
+    if folder == ROOT_FOLDER:
+        return None
+    why = id_problem(folder)
+    if why:
+        return f"its folder is refused: {why}"
+    if folder.endswith(ERRORS_SUFFIX):
+        other = folder[: -len(ERRORS_SUFFIX)]
+        return (f"folder {folder!r} would write {folder}.jsonl, which is folder {other!r}'s errors "
+                "file; rename the folder")
+    return None
+
+
+def _stem(file_id: str) -> str:
+    """`tasks.storage.stem_id` without pathlib (a million calls at discovery): `a/b.flac` -> `a/b`."""
+    head, sep, base = file_id.rpartition("/")
+    return head + sep + posixpath.splitext(base)[0]
+
+
 def _mtime(info: dict) -> str:
     for key in ("mtime", "LastModified", "last_modified", "ETag", "etag", "created"):
         if info.get(key) is not None:
@@ -40,99 +121,133 @@ def _mtime(info: dict) -> str:
     return ""
 
 
+def scan_audio(audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None) -> Listing:
+    """Every audio file under `audio_root`, sorted by id, plus what cannot be processed.
+
+    Raises:
+        FileNotFoundError: the root itself does not exist or is not a directory.
+    """
+    fs, root = fsspec.url_to_fs(audio_root, **(storage_options or {}))
+    root = root.rstrip("/") or "/"
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"audio root not found or not a directory: {audio_root}")
+    files: list[Listed] = []
+    errors: list[FileError] = []
+    refused: list[FileError] = []
+    by_stem: dict[str, str] = {}
+
+    def refuse(file_id: str, why: str) -> None:
+        error = FileError(id=printable_id(file_id), stage="discover", error=why)
+        (refused if folder_problem(folder_of(file_id)) else errors).append(error)
+
+    found = _find_local(root, extensions) if isinstance(fs, LocalFileSystem) else _find_remote(fs, root, extensions)
+    for file_id, info in sorted(found, key=lambda item: item[0]):
+        why = folder_problem(folder_of(file_id)) or id_problem(file_id)
+        if why is None and info.get("type") not in (None, "file"):
+            # Not silently dropped: a FIFO would hang a reader, a broken link has nothing to read.
+            why = info.get("why") or "not a regular file"
+        if why is None:
+            stem = _stem(file_id)
+            if stem in by_stem:
+                # transcriptions/{stem}.json would hold two files' results: refuse, don't overwrite.
+                why = f"same name as {by_stem[stem]} apart from the extension; rename one"
+            else:
+                by_stem[stem] = file_id
+        if why is not None:
+            refuse(file_id, why)
+            continue
+        files.append(Listed(file_id, int(info.get("size") or 0), _mtime(info)))
+    return Listing(root=root, files=files, errors=errors, refused=refused)
+
+
 def list_audio(
     audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None
 ) -> tuple[list[AudioFile], list[FileError]]:
-    """All audio files under `audio_root`, sorted by id, plus files that cannot be processed.
+    """`scan_audio` as AudioFile records (small corpora, tests); errors include refused ids."""
+    fs, _ = fsspec.url_to_fs(audio_root, **(storage_options or {}))
+    listing = scan_audio(audio_root, extensions, storage_options)
+    files = [to_audio_file(listing, fs, f) for f in listing.files]
+    return files, sorted(listing.errors + listing.refused, key=lambda e: e.id)
 
-    Raises:
-        FileNotFoundError: the root itself does not exist.
+
+def to_audio_file(listing: Listing, fs: fsspec.AbstractFileSystem, f: Listed) -> AudioFile:
+    # model_construct: the values come from the filesystem; planning 1M files stays fast
+    return AudioFile.model_construct(
+        id=f.id, path=listing.path_of(fs, f.id), source=SourceInfo.model_construct(size=f.size, mtime=f.mtime)
+    )
+
+
+def _find_remote(fs: fsspec.AbstractFileSystem, root: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """One bulk listing with details (S3: ListObjectsV2 pages; size and ETag included)."""
+    prefix = root.rstrip("/") + "/"
+    for path, info in fs.find(root, withdirs=False, detail=True).items():
+        # Not posixpath.relpath: it would fold `p1/../../x` into `../x` and hide the escape.
+        file_id = path[len(prefix):] if path.startswith(prefix) else path
+        if is_candidate(file_id, extensions):
+            yield file_id, info
+
+
+def _find_local(root: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """Every candidate file under a local `root`, following symlinks like `find -L`.
+
+    fsspec's local `find` types every symlink "other", so a symlinked clip or speaker folder
+    would vanish. Here links are followed, but each real directory (st_dev, st_ino) is listed
+    once: real directories first, then symlinked ones whose target was not listed yet, so a
+    loop ends and a mesh of sibling links cannot multiply the ids. Entries that cannot be read
+    come back typed "other" with a reason.
     """
-    fs, root = fsspec.url_to_fs(audio_root, **(storage_options or {}))
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"audio root not found or not a directory: {audio_root}")
-    files: list[AudioFile] = []
-    errors: list[FileError] = []
-    if isinstance(fs, LocalFileSystem):
-        found, unlisted = _find_local(root)
-        errors += [FileError(id=_relative(path, root), stage="discover", error=why) for path, why in unlisted]
-    else:
-        found = fs.find(root, withdirs=False, detail=True)
-    by_stem: dict[str, str] = {}
-    for path, info in sorted(found.items()):
-        file_id = _relative(path, root)
-        if not is_candidate(file_id, extensions):
-            continue
-        if info.get("type") not in (None, "file"):
-            # Not silently dropped: a FIFO would hang a reader, a broken link has nothing to read.
-            errors.append(FileError(id=file_id, stage="discover", error=info.get("why") or "not a regular file"))
-            continue
-        stem = stem_id(file_id)
-        if stem in by_stem:
-            # transcriptions/{stem}.json would hold two files' results: refuse, don't overwrite.
-            errors.append(FileError(
-                id=file_id, stage="discover",
-                error=f"same name as {by_stem[stem]} apart from the extension; rename one",
-            ))
-            continue
-        by_stem[stem] = file_id
-        size = int(info.get("size") or 0)
-        full = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-        files.append(AudioFile(id=file_id, path=full, source=SourceInfo(size=size, mtime=_mtime(info))))
-    return files, errors
+    visited: set[tuple[int, int]] = set()
+    linked: list[tuple[str, str]] = []  # (relative dir, path) of symlinked dirs, listed after the real tree
 
-
-def _relative(path: str, root: str) -> str:
-    return posixpath.relpath(path, root) if path.startswith(root) else path
-
-
-def _find_local(root: str) -> tuple[dict[str, dict], list[tuple[str, str]]]:
-    """Every non-directory under a local `root`, following symlinks like `find -L`.
-
-    fsspec's local `find` types every symlink "other" (fsspec 2026.9: `DirEntry.is_file(
-    follow_symlinks=False)`), so a symlinked clip or speaker folder would vanish without a
-    trace. Here links are followed; a link back to one of its own parent folders (a loop) is
-    skipped, and entries that cannot be read are returned typed "other" with a reason.
-
-    Returns:
-        ({path: {"type", "size", "mtime"[, "why"]}}, [(folder, why) for folders that could not be listed])
-    """
-    found: dict[str, dict] = {}
-    unlisted: list[tuple[str, str]] = []
-    stack: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
-    while stack:
-        directory, ancestors = stack.pop()
-        real = os.path.realpath(directory)
-        if real in ancestors:
-            logger.info("not following %s: a symlink back to its own parent folder %s", directory, real)
-            continue
-        try:
-            with os.scandir(directory) as it:
-                entries = list(it)
-        except OSError as e:
-            if directory == root:
-                raise
-            unlisted.append((directory, f"cannot list this folder: {e.strerror or e}"))
-            continue
-        for entry in entries:
-            path = f"{directory.rstrip('/')}/{entry.name}"
+    def walk(start_rel: str, start_path: str) -> Iterator[tuple[str, dict]]:
+        stack = [(start_rel, start_path)]
+        while stack:
+            rel, path = stack.pop()
             try:
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append((path, ancestors | {real}))
+                st = os.stat(path)
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    logger.info("not listing %s again: it is a link to a folder already listed", path)
                     continue
-                st = entry.stat(follow_symlinks=True)
-            except FileNotFoundError:
-                found[path] = {"type": "other", "why": f"broken symbolic link to {os.readlink(path)}"}
+                visited.add(key)
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                if not rel:
+                    raise
+                yield rel, {"type": "unlisted", "why": f"cannot list this folder: {e.strerror or e}"}
                 continue
-            except OSError as e:  # e.g. ELOOP: a link that points at itself
-                found[path] = {"type": "other", "why": f"cannot stat: {e.strerror or e}"}
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found[path] = {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
-            else:
-                found[path] = {"type": "other", "why": "not a regular file (a FIFO, socket or device)"}
-    return found, unlisted
+            subdirs = []
+            for entry in entries:
+                child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                child_path = f"{path.rstrip('/')}/{entry.name}"
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=True)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    (linked if entry.is_symlink() else subdirs).append((child_rel, child_path))
+                    continue
+                if not is_candidate(entry.name, extensions):
+                    continue
+                yield child_rel, _stat_info(entry, child_path)
+            stack.extend(reversed(subdirs))
+
+    yield from walk("", root)
+    while linked:
+        yield from walk(*linked.pop(0))
+
+
+def _stat_info(entry: os.DirEntry, path: str) -> dict:
+    try:
+        st = entry.stat(follow_symlinks=True)
+    except FileNotFoundError:
+        return {"type": "other", "why": f"broken symbolic link to {os.readlink(path)}"}
+    except OSError as e:  # e.g. ELOOP: a link that points at itself
+        return {"type": "other", "why": f"cannot stat: {e.strerror or e}"}
+    if stat.S_ISREG(st.st_mode):
+        return {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+    return {"type": "other", "why": "not a regular file (a FIFO, socket or device)"}
 
 
 def make_batches(files: list[AudioFile], batch_size: int) -> list[Batch]:
@@ -144,34 +259,47 @@ def make_batches(files: list[AudioFile], batch_size: int) -> list[Batch]:
     for folder in sorted(by_folder):
         group = by_folder[folder]
         for start in range(0, len(group), batch_size):
-            # model_construct: the files are validated records already; planning 1M files stays fast
             batches.append(Batch.model_construct(folder=folder, files=group[start : start + batch_size]))
     return batches
 
 
-def make_shards(batches: list[Batch], n_workers: int, shard_max_files: int) -> list[Shard]:
-    """Pack consecutive batches into shards.
+def shard_target(total: int, n_workers: int, shard_max_files: int) -> int:
+    """Files per shard: about four shards per worker for small corpora, at most `shard_max_files`."""
+    return max(1, min(shard_max_files, math.ceil(total / max(1, 4 * n_workers))))
 
-    Small corpora get about four shards per worker so every worker stays busy; large ones get
-    shards of up to `shard_max_files` files, so 1,000,000 files make ~1,000 shards per stage.
-    """
-    total = sum(len(b.files) for b in batches)
-    if total == 0:
-        return []
-    target = math.ceil(total / max(1, 4 * n_workers))
-    target = max(1, min(shard_max_files, target))
-    shards: list[Shard] = []
-    current: list[Batch] = []
-    size = 0
-    for batch in batches:
-        if current and size + len(batch.files) > target:
-            shards.append(Shard.model_construct(index=len(shards), batches=current))
-            current, size = [], 0
-        current.append(batch)
-        size += len(batch.files)
-    if current:
-        shards.append(Shard.model_construct(index=len(shards), batches=current))
-    return shards
+
+def make_shards(batches: list[Batch], n_workers: int, shard_max_files: int) -> list[Shard]:
+    """Pack consecutive batches into shards of about `shard_target` files."""
+    target = shard_target(sum(len(b.files) for b in batches), n_workers, shard_max_files)
+    packer = ShardPacker(target)
+    shards = [s for batch in batches for s in packer.add(batch)]
+    return shards + packer.close()
+
+
+class ShardPacker:
+    """Consecutive batches into shards of up to `target` files, emitted as each one fills."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self._current: list[Batch] = []
+        self._size = 0
+
+    def add(self, batch: Batch) -> list[Shard]:
+        out = []
+        if self._current and self._size + len(batch.files) > self.target:
+            out = self.close()
+        self._current.append(batch)
+        self._size += len(batch.files)
+        return out
+
+    def close(self) -> list[Shard]:
+        if not self._current:
+            return []
+        shard = Shard.model_construct(index=self.count, batches=self._current)
+        self.count += 1
+        self._current, self._size = [], 0
+        return [shard]
 
 
 def group_folders(folders: list[str], max_groups: int) -> list[list[str]]:
@@ -182,4 +310,7 @@ def group_folders(folders: list[str], max_groups: int) -> list[list[str]]:
     return [folders[i : i + per_group] for i in range(0, len(folders), per_group)]
 
 
-__all__ = ["list_audio", "make_batches", "make_shards", "group_folders", "is_candidate", "folder_of"]
+__all__ = [
+    "Listed", "Listing", "scan_audio", "list_audio", "make_batches", "make_shards", "group_folders",
+    "is_candidate", "id_problem", "folder_problem", "printable_id", "folder_of",
+]

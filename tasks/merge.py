@@ -17,7 +17,6 @@ vouch for (new or changed: read in one bulk call), the errors and the slim index
 from __future__ import annotations
 
 import heapq
-import re
 from collections import defaultdict
 from typing import Any
 
@@ -50,6 +49,7 @@ from tasks.records import (
     QualityOutputLine,
     Tokens,
     Transcription,
+    folder_of,
 )
 from tasks.storage import Kind, Store, StreamWriter, output_name_problem, parse_intermediate
 
@@ -324,61 +324,38 @@ def _write_errors(store: Store, folder: str, errors: list[FileError]) -> bool:
 
 # -- Prefect task ------------------------------------------------------------------------------
 from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
-from tasks.records import folder_of  # noqa: E402
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")[:100] or "root"
+from tasks.settings import PipelineSettings  # noqa: E402
 
 
 @task(name="merge-folders", task_run_name="merge-{label}", cache_policy=NO_CACHE)
 def merge_folders(
-    folders: dict[str, list[AudioFile]], results_root: str, known_errors: list[FileError], label: str,
-    expect: Provenance, stage_errors: dict[str, dict[str, str]] | None = None,
-    output: OutputOptions = OutputOptions(),  # noqa: B008
+    plan: str, group: int, label: str, settings: PipelineSettings, failed: dict[str, str] | None = None
 ) -> list[FolderReport]:
-    """Merge each folder's intermediates into its JSONL files."""
-    store = Store(results_root)
-    return [
-        merge_folder(
-            folder, files, store, expect, [e for e in known_errors if folder_of(e.id) == folder],
-            (stage_errors or {}).get(folder), output,
-        )
-        for folder, files in sorted(folders.items())
-    ]
+    """Merge the folders of group `group` of the run plan at `plan` into their JSONL files.
+
+    `failed` maps the group's failed stage tasks ("transcribe-3") to their error, which becomes
+    the reason for the missing stage of their files.
+    """
+    return merge_group(plan, group, settings, failed or {})
 
 
-def publish_folder_artifact(report: FolderReport, results_root: str) -> None:
-    """A markdown artifact pointing at the folder's outputs (called from the flow run users open)."""
-    create_markdown_artifact(
-        key=artifact_key("folder", report.folder), markdown=folder_markdown(report, Store(results_root)),
-        description=f"Outputs of folder {report.folder}",
-    )
+def merge_group(plan: str, group: int, settings: PipelineSettings, failed: dict[str, str]) -> list[FolderReport]:
+    """`merge_folders` without Prefect (the flow calls it in-process when the cluster is gone)."""
+    from tasks.plan import group_files, load_group, load_plan
 
-
-def folder_markdown(report: FolderReport, store: Store) -> str:
-    lines = [
-        f"# `{report.folder}`", "",
-        f"- lines: **{report.lines}** of {report.files} files"
-        + (f", **{len(report.errors)} errors**" if report.errors else ""),
-        f"- JSONL: `{report.jsonl}`",
-    ]
-    if report.errors_jsonl:
-        lines.append(f"- errors: `{report.errors_jsonl}`")
-    lines += [
-        f"- transcriptions: `{store.display('transcriptions/' + report.folder)}/`",
-        f"- tokens: `{store.display('tokens/' + report.folder)}/`",
-    ]
-    if report.flagged:
-        lines.append(f"- flagged clips: **{report.flagged}**")
-    if report.worst:
-        lines += ["", "| flagged clip | flags | text |", "|---|---|---|"]
-        lines += [f"| {w['id']} | {', '.join(w['flags'])} | {w['text'][:120]} |" for w in report.worst]
-    if report.errors:
-        lines += ["", "| id | stage | error |", "|---|---|---|"]
-        lines += [f"| {e.id} | {e.stage} | {e.error[:200]} |" for e in report.errors[:50]]
-    return "\n".join(lines) + "\n"
+    run, members = load_plan(plan), load_group(plan, group)
+    files, shards_of = group_files(run, members)
+    store = Store(settings.results_root)
+    output = OutputOptions(with_quality=settings.with_quality, drop_flagged=settings.drop_flagged)
+    reports = []
+    for folder in members.folders:
+        stage_errors: dict[str, str] = {}
+        for stage in ("transcribe", "tokenise"):
+            reasons = [failed[key] for i in shards_of.get(folder, []) if (key := f"{stage}-{i}") in failed]
+            if reasons:
+                stage_errors[stage] = reasons[0]
+        known = [e for e in members.errors if folder_of(e.id) == folder]
+        reports.append(merge_folder(folder, files[folder], store, run.provenance, known, stage_errors, output))
+    return reports

@@ -103,11 +103,12 @@ def _tokenise_isolated(tokeniser: Tokeniser, decoded: list[tuple[AudioFile, np.n
 from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
-from tasks.records import Shard  # noqa: E402
 
-
-@task(name="tokenise-shard", task_run_name="tokenise-shard-{shard.index}", retries=1,
+@task(name="tokenise-shard", task_run_name="tokenise-shard-{index}", retries=1,
       retry_delay_seconds=5, cache_policy=NO_CACHE)
-def tokenise_shard(shard: Shard, settings: PipelineSettings, expect: Provenance) -> StageReport:
-    """Tokenise every batch of the shard (on the worker's GPU when it has one)."""
-    return tokenise_batches(shard.batches, settings, Store(settings.results_root), expect, shard.index)
+def tokenise_shard(plan: str, index: int, settings: PipelineSettings) -> StageReport:
+    """Tokenise every batch of shard `index` of the run plan at `plan` (on the worker's GPU if any)."""
+    from tasks.plan import load_plan, load_shard
+
+    run, shard = load_plan(plan), load_shard(plan, index)
+    return tokenise_batches(shard.batches, settings, Store(settings.results_root), run.provenance, index)

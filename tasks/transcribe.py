@@ -260,12 +260,13 @@ def _error_reason(response: httpx.Response) -> str:
 from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
-from tasks.records import Shard  # noqa: E402
 
-
-@task(name="transcribe-shard", task_run_name="transcribe-shard-{shard.index}", retries=1,
+@task(name="transcribe-shard", task_run_name="transcribe-shard-{index}", retries=1,
       retry_delay_seconds=5, cache_policy=NO_CACHE)
-def transcribe_shard(shard: Shard, settings: PipelineSettings, expect: Provenance) -> StageReport:
-    """Transcribe every file of the shard through the service (bounded concurrency)."""
+def transcribe_shard(plan: str, index: int, settings: PipelineSettings) -> StageReport:
+    """Transcribe every file of shard `index` of the run plan at `plan` (bounded concurrency)."""
+    from tasks.plan import load_plan, load_shard
+
+    run, shard = load_plan(plan), load_shard(plan, index)
     files = [f for batch in shard.batches for f in batch.files]
-    return transcribe_files(files, settings, Store(settings.results_root), expect, shard.index)
+    return transcribe_files(files, settings, Store(settings.results_root), run.provenance, index)

@@ -7,10 +7,12 @@ exception handlers turn every error into `{"error": "..."}`.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from typing import Annotated
 
+import soundfile as sf
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -261,6 +263,7 @@ async def transcribe_upload(
         raise ServiceError(413, "too_large", f"upload exceeds the limit of {limit} bytes")
     if not data:
         raise ServiceError(400, "empty_upload", "empty upload: the 'file' field has 0 bytes")
+    _admit_before_decoding(batcher, data)
     try:
         audio = await run_in_threadpool(
             decode_audio, data, max_seconds=state.settings.max_audio_seconds,
@@ -288,3 +291,14 @@ async def transcribe_upload(
     state.metrics.transcriptions.labels(route=route).inc()
     state.metrics.audio_seconds.inc(transcript.duration)
     return engine, transcript
+
+
+def _admit_before_decoding(batcher: Batcher, data: bytes) -> None:
+    """Refuse with 429 from the header alone when the clip's lane is full, so an overloaded
+    service spends no decode or resample on requests it turns away (QueueFullError -> 429)."""
+    try:
+        header = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return  # not audio: the decode answers 400 with the reason
+    if header.samplerate > 0 and header.frames < 1 << 62:  # 1 << 62: libsndfile's "length unknown"
+        batcher.admit(batcher.lane_for(header.frames / header.samplerate))

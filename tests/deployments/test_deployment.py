@@ -197,7 +197,8 @@ def test_deployment_run_by_hand(corpus, deployed, prefect_server):
         assert jsonl_ids(deployed.results / f"{folder}.jsonl") == expected
     artifacts = prefect_server.request("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [corpus.run["id"]]}}})
     # Everything the UI shows for the run hangs off the deployment's run, not a subflow.
-    assert {"run-summary", "progress", "folder-p225", "folder-p226"} <= {a["key"] for a in artifacts}
+    expected = {"progress", "folders", "run-report", "samples-p225", "samples-p226", "clip-durations"}
+    assert expected <= {a["key"] for a in artifacts}
 
 
 TEST_WINDOW_S = 10  # prefect.yaml's 30 s debounce, shortened: the event tests wait it out twice

@@ -48,7 +48,7 @@ from tests.metrics import transcribe_requests
 
 # 2,000 for now: above ~3,000 the run plan travelled as subflow parameters and Prefect refused it
 # (422, > 512 KiB). Raise to 5,000 once the run plan is kept out of parameters (issue 11, item 1).
-N_FILES = 2_000
+N_FILES = 5_000  # past the ~3,000 files at which the plan used to outgrow Prefect's parameter limit
 PER_FOLDER = 100
 AUTH = "admin:postgres-tests-secret"
 

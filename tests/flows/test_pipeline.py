@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from flows.demo import free_port
-from flows.pipeline import parallel_transcribe_tokenise
+from flows.pipeline import parallel_transcribe_tokenise, summary_of
 from tests.conftest import DEMO_AUDIO, DEMO_REFERENCES
 from tests.metrics import transcribe_requests
 from tests.wer import wer
@@ -113,11 +113,11 @@ def test_same_names_in_two_folders_and_nested_folders(tmp_path, whisper_service_
 
 
 def test_unreachable_service_fails_fast(tmp_path):
-    from tasks.transcribe import ServiceUnavailableError
+    from tasks.preflight import RunNotStartedError
 
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(ServiceUnavailableError, match=f"{dead}.*audio-pipeline serve"):
+    with pytest.raises(RunNotStartedError, match=f"{dead}.*audio-pipeline serve"):
         run_flow(DEMO_AUDIO, tmp_path / "results", dead)
     assert time.monotonic() - started < 30
     assert not (tmp_path / "results").exists()
@@ -188,12 +188,15 @@ def test_cluster_without_workers_is_given_up_on_not_waited_for_forever(tmp_path,
     before = transcribe_requests(whisper_service_url)
     with dask_cluster(tmp_path, workers=0) as address:
         started = time.monotonic()
-        summary = parallel_transcribe_tokenise(audio_root=str(audio), results_root=str(tmp_path / "results"),
-                                               service_url=whisper_service_url, dask_address=address)
+        state = parallel_transcribe_tokenise(audio_root=str(audio), results_root=str(tmp_path / "results"),
+                                             service_url=whisper_service_url, dask_address=address, return_state=True)
         assert time.monotonic() - started < 90
+    summary = summary_of(state)
     files = sorted(p.relative_to(audio).as_posix() for p in audio.rglob("*.flac"))
     assert (summary.files, summary.lines, summary.failed) == (len(files), 0, len(files))
+    assert state.is_failed() and state.message.startswith(f"{len(files)} of {len(files)} files failed")
     errors = read_jsonl(tmp_path / "results" / "p225.errors.jsonl")
-    assert {(e["id"], e["stage"]) for e in errors} == {(f, s) for f in files for s in ("transcribe", "tokenise")}
-    assert all("no transcribe result" in e["error"] or "no tokenise result" in e["error"] for e in errors)
+    assert {e["id"] for e in errors} == set(files)
+    # the reason is the stage tasks' fate, not "no result was produced"
+    assert all("had no workers" in e["error"] for e in errors), errors[:2]
     assert transcribe_requests(whisper_service_url) == before  # nothing ran anywhere

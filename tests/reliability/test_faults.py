@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 
 from flows.demo import free_port
-from flows.pipeline import parallel_transcribe_tokenise
+from flows.pipeline import parallel_transcribe_tokenise, summary_of
 from tasks.tokenisers import get_tokeniser
 from tests.conftest import DEMO_AUDIO, DEMO_REFERENCES
 from tests.metrics import transcribe_requests
@@ -123,12 +123,14 @@ def test_service_killed_mid_run_then_rerun_finishes_exactly_the_missing(
     def run():
         return parallel_transcribe_tokenise(
             audio_root=str(DEMO_AUDIO), results_root=str(results), service_url=service.url,
-            tokenizer="simulated", batch_size=2, dask_address=dask_cluster["address"],
+            tokenizer="simulated", batch_size=2, dask_address=dask_cluster["address"], return_state=True,
         )
 
     killer = threading.Thread(target=kill_after_some_requests, daemon=True)
     killer.start()
-    summary = run()
+    state = run()
+    summary = summary_of(state)
+    assert state.is_failed() and "files failed" in state.message  # the run says so: an alert can fire
     killer.join(timeout=5)
     assert killed_at, "the service was never killed: the run finished too fast to test this"
     done = transcription_ids(results)
@@ -145,7 +147,7 @@ def test_service_killed_mid_run_then_rerun_finishes_exactly_the_missing(
     service.wait_ready()
     again = run()
     assert answered(service.url, AUTH) == len(ids) - len(done)  # exactly the missing files
-    assert again.failed == 0
+    assert again.is_completed() and summary_of(again).failed == 0
     final, errors = read_results(results)
     assert errors == [] and not list(results.glob("*.errors.jsonl"))
     assert_good_lines(final, ids)

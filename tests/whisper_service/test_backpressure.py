@@ -42,6 +42,7 @@ class GatedEngine:
     def __init__(self, inner: Engine, gated: bool = True) -> None:
         self.inner = inner
         self.name, self.model_name, self.device = inner.name, inner.model_name, inner.device
+        self.options = inner.options  # the real engine's decode defaults (/healthz reports them)
         self.seen: list[int] = []
         self.gate = threading.Event()
         if not gated:

@@ -1,0 +1,212 @@
+"""The run plan: decided once at the edge, written to storage, passed to tasks by reference.
+
+Prefect stores every flow-run parameter (and refuses more than 524,288 bytes of them) and ships
+every task's arguments through Dask, so nothing that grows with the corpus may travel that way
+(issue 11: a list of ids broke at ~3,000 files). Discovery writes, under the results root:
+
+    _runs/{run_id}/plan.json            RunPlan: settings (no secrets), provenance, counts, groups
+    _runs/{run_id}/shards/00000.json    Shard: batches of AudioFile with source size/mtime
+    _runs/{run_id}/groups/00000.json    GroupPlan: a merge task's folders and their discovery errors
+    _runs/{run_id}/refused.jsonl        ids refused because their folder cannot be written
+
+and tasks receive `(plan location, index)`. Older runs' plans are pruned (the last few are kept
+for inspection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel
+
+from tasks.discover import Listing, ShardPacker, group_folders, scan_audio, shard_target, to_audio_file
+from tasks.records import AudioFile, Batch, FileError, Provenance, Record, Shard, folder_of
+from tasks.settings import PipelineSettings
+from tasks.storage import Store
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIR = "_runs"
+KEEP_RUNS = 5  # older plans are deleted at the start of a run
+RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+
+
+class GroupRef(Record):
+    """One merge task: which shards it waits for (folders live in `groups/{index}.json`)."""
+
+    index: int
+    label: str  # "p225" or "p225-to-p240": the merge task's name
+    shards: list[int]
+    folders: int
+    files: int
+
+
+class GroupPlan(Record):
+    index: int
+    folders: list[str]
+    errors: list[FileError]  # discovery errors of these folders
+
+
+class RunPlan(Record):
+    """What every task of one run agrees on; O(groups + shards) in size, not O(files)."""
+
+    run_id: str
+    location: str  # the run's folder (path or URL); tasks get it plus an index
+    audio_root: str
+    results_root: str
+    settings: dict[str, Any]  # PipelineSettings without secrets, for the record
+    provenance: Provenance
+    model: str | None
+    files: int
+    folders: int
+    shards: int
+    groups: list[GroupRef]
+    refused: int  # ids refused at discovery whose folder cannot be written (refused.jsonl)
+
+
+def new_run_id(flow_run_id: str | None = None) -> str:
+    """Sortable by time, unique: `20261201T214800Z-1a2b3c4d` (the Prefect flow run's id when there is one)."""
+    suffix = (flow_run_id or uuid.uuid4().hex).replace("-", "")[:8]
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{suffix}"
+
+
+def public_settings(settings: PipelineSettings) -> dict[str, Any]:
+    return settings.model_dump(mode="json", exclude={"service_token"})
+
+
+def build_plan(
+    settings: PipelineSettings, provenance: Provenance, model: str | None, n_workers: int, run_id: str,
+    listing: Listing | None = None,
+) -> tuple[RunPlan, list[FileError]]:
+    """List the audio root and write the plan; returns it and the refused ids (for the summary).
+
+    Shards are written as they fill, so the flow process holds one shard of AudioFile records at
+    a time plus a compact tuple per file.
+
+    Raises:
+        FileNotFoundError: the audio root does not exist.
+    """
+    fs, _ = fsspec.url_to_fs(settings.audio_root)
+    listing = listing or scan_audio(settings.audio_root, settings.extensions)
+    store = Store(settings.results_root)
+    run_dir = f"{RUNS_DIR}/{run_id}"
+    location = store.display(run_dir)
+
+    by_folder: dict[str, list] = defaultdict(list)
+    for f in listing.files:
+        by_folder[folder_of(f.id)].append(f)
+    errors_by_folder: dict[str, list[FileError]] = defaultdict(list)
+    for e in listing.errors:
+        errors_by_folder[folder_of(e.id)].append(e)
+
+    packer = ShardPacker(shard_target(len(listing.files), n_workers, settings.shard_max_files))
+    shards_of: dict[str, set[int]] = defaultdict(set)
+
+    def write(shards: list[Shard]) -> None:
+        for shard in shards:
+            store.write_bytes(f"{run_dir}/shards/{shard.index:05d}.json", shard.model_dump_json().encode())
+            for batch in shard.batches:
+                shards_of[batch.folder].add(shard.index)
+
+    counts: dict[str, int] = {}
+    for folder in sorted(by_folder):
+        files = by_folder.pop(folder)
+        counts[folder] = len(files)
+        for start in range(0, len(files), settings.batch_size):
+            chunk = [to_audio_file(listing, fs, f) for f in files[start : start + settings.batch_size]]
+            write(packer.add(Batch.model_construct(folder=folder, files=chunk)))
+    write(packer.close())
+
+    folders = sorted(set(shards_of) | set(errors_by_folder))
+    groups: list[GroupRef] = []
+    for index, names in enumerate(group_folders(folders, settings.merge_max_tasks)):
+        group = GroupPlan(index=index, folders=names, errors=[e for n in names for e in errors_by_folder[n]])
+        store.write_bytes(f"{run_dir}/groups/{index:05d}.json", group.model_dump_json().encode())
+        shard_ids = sorted({i for n in names for i in shards_of[n]})
+        label = names[0] if len(names) == 1 else f"{names[0]}-to-{names[-1]}"
+        groups.append(GroupRef(index=index, label=label, shards=shard_ids, folders=len(names),
+                               files=sum(counts.get(n, 0) for n in names)))
+    if listing.refused:
+        store.write_lines(f"{run_dir}/refused.jsonl", listing.refused)
+    plan = RunPlan(
+        run_id=run_id, location=location, audio_root=settings.audio_root, results_root=settings.results_root,
+        settings=public_settings(settings), provenance=provenance, model=model,
+        files=len(listing.files), folders=len(folders), shards=packer.count, groups=groups,
+        refused=len(listing.refused),
+    )
+    store.write_bytes(f"{run_dir}/plan.json", plan.model_dump_json(indent=1).encode())
+    return plan, listing.refused
+
+
+def prune_runs(results_root: str, keep: int = KEEP_RUNS, current: str | None = None) -> list[str]:
+    """Delete all but the newest `keep` run plans (never `current`); returns the removed run ids."""
+    store = Store(results_root)
+    base = store.path(RUNS_DIR)
+    try:
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(base, detail=False))
+    except FileNotFoundError:
+        return []
+    runs = [n for n in names if RUN_ID.match(n) and n != current]
+    removed = runs[: max(0, len(runs) - keep)]
+    for name in removed:
+        store.fs.rm(f"{base}/{name}", recursive=True)
+    return removed
+
+
+# -- reading a plan back (in tasks) ----------------------------------------------------------------
+
+
+def _read(location: str, relative: str, model: type[BaseModel]):
+    data = Store(location).read_bytes(relative)
+    if data is None:
+        raise FileNotFoundError(f"run plan file missing: {location}/{relative} (deleted while the run was going?)")
+    return model.model_validate_json(data)
+
+
+def load_plan(location: str) -> RunPlan:
+    return _read(location, "plan.json", RunPlan)
+
+
+def load_shard(location: str, index: int) -> Shard:
+    return _read(location, f"shards/{index:05d}.json", Shard)
+
+
+def load_group(location: str, index: int) -> GroupPlan:
+    return _read(location, f"groups/{index:05d}.json", GroupPlan)
+
+
+def group_files(plan: RunPlan, group: GroupPlan) -> tuple[dict[str, list[AudioFile]], dict[str, list[int]]]:
+    """The group's files by folder (from its shards, in id order) and the shards each folder is in."""
+    wanted = set(group.folders)
+    files: dict[str, list[AudioFile]] = {folder: [] for folder in group.folders}
+    shards: dict[str, list[int]] = defaultdict(list)
+    for index in plan.groups[group.index].shards:
+        for batch in load_shard(plan.location, index).batches:
+            if batch.folder in wanted:
+                files[batch.folder].extend(batch.files)
+                if index not in shards[batch.folder]:
+                    shards[batch.folder].append(index)
+    return files, dict(shards)
+
+
+def tokeniser_settings(settings: PipelineSettings) -> dict[str, Any]:
+    """The tokeniser's settings as intermediates store them, built once in this process.
+
+    Building it validates the name and options here, before any cluster starts: a bad name or
+    option is one clear error, not a failure on every worker. On CPU: the device changes no token.
+
+    Raises:
+        ValueError: unknown tokeniser or option, or a value it refuses.
+        ImportError: its optional package is missing.
+    """
+    from tasks.tokenisers import get_tokeniser
+
+    tokeniser = get_tokeniser(settings.tokenizer, device="cpu", **settings.tokenizer_options)
+    return json.loads(json.dumps(tokeniser.settings))  # as stored: tuples -> lists

@@ -1,0 +1,136 @@
+"""Everything that can stop a run, checked before any work is scheduled (exit code 2).
+
+A run that cannot succeed must say so in one line before it lists a million files, starts a
+cluster or sends a request (issue 13: an unwritable results root was found only after every file
+had gone to the service). The checks, cheapest first: settings, allowed roots, the audio root,
+the results root (a probe file written and removed), its owner, the tokeniser, the service.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any
+
+import fsspec
+from pydantic import ValidationError
+
+from tasks.access import RootNotAllowedError, check_roots_allowed
+from tasks.ownership import ForeignResultsRootError, check_owner
+from tasks.plan import tokeniser_settings
+from tasks.records import Provenance, Record
+from tasks.settings import PipelineSettings
+from tasks.storage import Store
+
+
+class RunNotStartedError(RuntimeError):
+    """The run could not start; nothing was scheduled. The message is one line saying why."""
+
+
+class Checked(Record):
+    """What the checks learnt that the run needs: the service's health and this run's provenance."""
+
+    health: dict[str, Any]
+    model: str | None
+    provenance: Provenance
+
+
+def settings_or_error(**values: Any) -> PipelineSettings:
+    """PipelineSettings from values (None: not given), a one-line RunNotStartedError if invalid."""
+    try:
+        return PipelineSettings(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        raise RunNotStartedError(f"bad settings: {problems}") from e
+
+
+def check_roots(settings: PipelineSettings, claim: bool = False) -> None:
+    """Allowed roots, the audio root listable, the results root writable and ours."""
+    try:
+        check_roots_allowed(settings)
+    except RootNotAllowedError as e:
+        raise RunNotStartedError(str(e)) from e
+    try:
+        fs, path = fsspec.url_to_fs(settings.audio_root)
+        ok = fs.isdir(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise RunNotStartedError(f"audio root {settings.audio_root!r} cannot be read: {e}") from e
+    if not ok:
+        raise RunNotStartedError(f"audio root not found or not a directory: {settings.audio_root}")
+    probe_results_root(settings.results_root)
+    try:
+        check_owner(settings.results_root, settings.audio_root, claim=claim)
+    except ForeignResultsRootError as e:
+        raise RunNotStartedError(str(e)) from e
+
+
+def probe_results_root(results_root: str) -> None:
+    """Write and remove a small file under the results root; RunNotStartedError if that fails.
+
+    Leaves no trace: on a local disk, folders the probe had to create are removed again, so a
+    run that cannot start for another reason creates nothing.
+    """
+    try:
+        store = Store(results_root)
+        created = _first_missing(store.root) if store.is_local else None
+        probe = f".probe-{uuid.uuid4().hex}"
+        try:
+            store.write_bytes(probe, b"probe\n")
+            store.remove(probe)
+        finally:
+            if created:
+                shutil.rmtree(created, ignore_errors=True)
+    except (OSError, ValueError, ImportError) as e:
+        raise RunNotStartedError(
+            f"results root {results_root!r} is not writable: {getattr(e, 'strerror', None) or e}"
+        ) from e
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (what writing there would create)."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def check_tokeniser(settings: PipelineSettings) -> dict[str, Any]:
+    try:
+        return tokeniser_settings(settings)
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        raise RunNotStartedError(f"bad tokeniser settings ({settings.tokenizer!r}): {e}") from e
+
+
+def check_service_ready(settings: PipelineSettings) -> dict[str, Any]:
+    from tasks.transcribe import ServiceUnavailableError, check_service
+
+    try:
+        return check_service(settings)
+    except ServiceUnavailableError as e:
+        raise RunNotStartedError(str(e)) from e
+
+
+def preflight(settings: PipelineSettings, claim: bool = False) -> Checked:
+    """Every check, in order; with `claim`, an unowned results root is recorded as this audio root's.
+
+    Raises:
+        RunNotStartedError: the first check that failed, as one line.
+    """
+    check_roots(settings, claim=False)
+    tokenizer_settings = check_tokeniser(settings)
+    health = check_service_ready(settings)
+    if claim:  # only once every check passed: a run that cannot start claims nothing
+        try:
+            check_owner(settings.results_root, settings.audio_root, claim=True)
+        except ForeignResultsRootError as e:
+            raise RunNotStartedError(str(e)) from e
+    provenance = Provenance(
+        decode_fingerprint=health.get("fingerprint") or None, language=settings.language,
+        tokenizer_settings=tokenizer_settings,
+    )
+    return Checked(health=health, model=health.get("model"), provenance=provenance)
