@@ -15,12 +15,15 @@ import pytest
 import soundfile as sf
 
 from tasks.discover import list_audio
-from tasks.records import AudioFile, Batch, Failure, SourceInfo, Tokens
+from tasks.records import AudioFile, Batch, Failure, Provenance, SourceInfo, Tokens
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
 from tasks.tokenise import tokenise_batches
 from tasks.tokenisers import get_tokeniser
 from tasks.transcribe import transcribe_files
+
+# These tests call the stages directly: no service fingerprint, so nothing is reused.
+NO_REUSE = Provenance(decode_fingerprint=None, language=None, tokenizer_settings={})
 from tests.reliability.conftest import cli_env, read_results, run_cli
 from tests.reliability.corpus import GOOD, build_bad_corpus, header_only_flac
 from whisper_service.audio import decode_audio
@@ -75,7 +78,7 @@ def test_undecodable_file_costs_only_itself_in_tokenisation(tmp_path):
     files = [_audio_file(tmp_path / "s" / n, f"s/{n}") for n in ("bad.flac", "good.flac")]
     store = Store(str(tmp_path / "results"))
     settings = PipelineSettings(audio_root=str(tmp_path), results_root=store.url, tokenizer="simulated")
-    report = tokenise_batches([Batch(folder="s", files=files)], settings, store)
+    report = tokenise_batches([Batch(folder="s", files=files)], settings, store, NO_REUSE)
     assert (report.done, report.failed) == (1, 1)
     bad = store.read_tokens("s/bad.flac")
     assert isinstance(bad, Failure) and bad.stage == "decode" and "no samples" in bad.error
@@ -91,8 +94,8 @@ def test_file_unreadable_after_discovery_is_a_decode_error_in_both_stages(tmp_pa
     # no service is listening there: the read fails first, so it is never contacted
     settings = PipelineSettings(audio_root=str(tmp_path), results_root=store.url, tokenizer="simulated",
                                 service_url="http://127.0.0.1:9")
-    assert transcribe_files(files, settings, store, model=None).failed == 2
-    assert tokenise_batches([Batch(folder="s", files=files)], settings, store).failed == 2
+    assert transcribe_files(files, settings, store, NO_REUSE).failed == 2
+    assert tokenise_batches([Batch(folder="s", files=files)], settings, store, NO_REUSE).failed == 2
     for f in files:
         for record in (store.read_transcription(f.id), store.read_tokens(f.id)):
             assert isinstance(record, Failure) and record.stage == "decode", record
@@ -111,8 +114,8 @@ def test_unreadable_file_chmod_000(tmp_path):
     store = Store(str(tmp_path / "results"))
     settings = PipelineSettings(audio_root=str(tmp_path), results_root=store.url, tokenizer="simulated",
                                 service_url="http://127.0.0.1:9")
-    transcribe_files(files, settings, store, model=None)
-    tokenise_batches([Batch(folder="s", files=files)], settings, store)
+    transcribe_files(files, settings, store, NO_REUSE)
+    tokenise_batches([Batch(folder="s", files=files)], settings, store, NO_REUSE)
     for record in (store.read_transcription("s/locked.flac"), store.read_tokens("s/locked.flac")):
         assert isinstance(record, Failure) and record.stage == "decode" and "ermission" in record.error
 
