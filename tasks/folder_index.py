@@ -10,8 +10,9 @@ the results root's hidden `.index/` (why those names collide with no output: see
   once per folder per shard and skip the files whose key matches this run; the files it does not
   vouch for (new, changed, failed last time, or done by a run that never merged) cost a read of
   their intermediates, in one bulk call per folder. No stage reads any text or tokens it skips.
-- `.index/{folder}.content.jsonl`, the content: one line per id, sorted, with the full records
-  (text, tokens, quality). Only merge reads it, streamed line by line beside the sorted files, so
+- `.index/{folder}.content.records`, the content: one JSON line per id, sorted, with the full
+  records (text, tokens, quality); not named `.jsonl`, so tools that glob a results root for
+  JSONL outputs never mistake it for a folder's lines. Only merge reads it, streamed line by line beside the sorted files, so
   it never holds the folder in memory (`tasks.merge`).
 
 Merge rewrites both under the folder lock, each only when it changed (the content first, so a
@@ -62,7 +63,7 @@ class FolderIndex(Record):
 
 
 class ContentLine(Record):
-    """One line of `.index/{folder}.content.jsonl`: an id's latest successful records."""
+    """One line of `.index/{folder}.content.records`: an id's latest successful records."""
 
     id: str
     transcription: Transcription | None = None
@@ -102,7 +103,7 @@ def index_path(folder: str) -> str:
 
 
 def content_path(folder: str) -> str:
-    return f"{INDEX_DIR}/{folder}.content.jsonl"
+    return f"{INDEX_DIR}/{folder}.content.records"
 
 
 def load_index(store: Store, folder: str) -> LoadedIndex:

@@ -6,7 +6,7 @@ Layout of a results root (every name a folder's outputs can take is listed, so n
   would write its JSONL onto folder `x`'s errors file, so such folders are refused
   (`output_name_problem`): with that rule no JSONL, errors file or index can share a name;
 - `transcriptions/{stem}.json`, `tokens/{stem}.json`: one intermediate per file and stage;
-- `.index/{folder}.json`: the folder's slim index (provenance only) and `.index/{folder}.content.jsonl`
+- `.index/{folder}.json`: the folder's slim index (provenance only) and `.index/{folder}.content.records`
   its records (`tasks.folder_index`); under a hidden folder, so no speaker folder's output lands
   there, and the two differ in their last suffix (`.json`, `.jsonl`), so no two folders' collide;
 - `.locks/`: folder lock files (local results roots only).

@@ -232,6 +232,7 @@ def external_dask(env: dict[str, str], log_dir: Path) -> Iterator[str]:
         stop(scheduler, signal.SIGINT, timeout=60)
 
 
+@pytest.mark.soak  # minutes of a loaded 2-core CI; the same --dask-address path runs in tests/flows
 def test_the_same_run_on_an_external_dask_cluster(pg_deployed, pg_prefect, postgres, whisper_service_url, tmp_path):
     audio = pg_deployed.allowed / "external" / "audio"
     results = pg_deployed.allowed / "external" / "results"
@@ -247,6 +248,7 @@ def test_the_same_run_on_an_external_dask_cluster(pg_deployed, pg_prefect, postg
     figures(pg_prefect, postgres, run, wall, N_FILES)
 
 
+@pytest.mark.soak  # a 30 s debounce plus a Dask start: minutes; the trigger itself runs in test_deployment.py
 def test_trigger_latency_from_copy_to_jsonl(pg_deployed, pg_prefect, tmp_path):
     """The shipped trigger (30 s debounce, not shortened here): how long a new file takes to reach its JSONL."""
     root = pg_deployed.allowed / "watched"

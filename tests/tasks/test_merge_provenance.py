@@ -120,7 +120,8 @@ def test_a_file_failing_both_stages_is_one_errors_line_naming_both(tmp_path):
 
 def test_errors_files_cannot_collide_with_a_folders_jsonl(tmp_path):
     """Regression (issue 13 item 9): folder `x.errors` wrote `x.errors.jsonl`, folder `x`'s errors
-    file. Such a folder is refused (its files reported in its own errors file), whatever the order."""
+    file. Discovery refuses such a folder (its files are reported in the run's refused list), and
+    merge refuses it too if asked directly, so `x.errors.jsonl` only ever holds folder x's errors."""
     audio = tmp_path / "audio"
     make_corpus(audio, {"x": 1, "x.errors": 2})
     (audio / "x" / "broken.flac").write_bytes(b"not audio")
@@ -129,16 +130,20 @@ def test_errors_files_cannot_collide_with_a_folders_jsonl(tmp_path):
     with ContractService() as service:
         settings = settings_for(audio, str(tmp_path / "results"), service.url)
         store = Store(settings.results_root)
-        run = run_steps(settings, store, expect_for(settings))
+        expect = expect_for(settings)
+        run = run_steps(settings, store, expect)
+        assert "x.errors" not in run.folders  # refused at discovery: no stage, no merge wrote for it
+        clip = audio / "x.errors" / "x.errors_000.flac"
+        by_hand = AudioFile(id="x.errors/x.errors_000.flac", path=str(clip),
+                            source=SourceInfo(size=clip.stat().st_size, mtime=str(clip.stat().st_mtime)))
+        direct = merge_folder("x.errors", [by_hand], store, expect)
     assert [e.id for e in errors_file(store, "x")] == ["x/broken.flac"]
     assert len(read_jsonl(store, "x.jsonl")) == 1
-    refused = errors_file(store, "x.errors")  # x.errors.errors.jsonl: no folder's JSONL can be named so
-    assert [(e.id, e.stage) for e in refused] == [("x.errors/x.errors_000.flac", "merge"),
-                                                  ("x.errors/x.errors_001.flac", "merge")]
-    assert "rename the folder" in refused[0].error
-    assert run.folders["x.errors"].lines == 0 and len(run.folders["x.errors"].errors) == 2
+    assert direct.lines == 0 and "rename the folder" in direct.errors[0].error
+    # x.errors.errors.jsonl: no folder's JSONL can be named so (its folder would end in .errors)
     assert sorted(p.name for p in (tmp_path / "results").glob("*.jsonl")) == [
         "x.errors.errors.jsonl", "x.errors.jsonl", "x.jsonl"]
+    assert [e.id for e in errors_file(store, "x")] == ["x/broken.flac"]  # untouched by the direct call
 
 
 def test_quality_fields_are_kept_and_lines_keep_the_contract_by_default(tmp_path):

@@ -202,7 +202,7 @@ def test_an_unchanged_merge_holds_one_record_at_a_time_not_the_folder(tmp_path):
         peaks[n] = _peak_bytes(lambda: merge_folder("p1", files, store, again))  # noqa: B023
         report = merge_folder("p1", files, store, again)
         assert report.lines == n and report.new == 0 and not report.changed
-        contents[n] = (tmp_path / f"results-{n}" / ".index" / "p1.content.jsonl").stat().st_size
+        contents[n] = (tmp_path / f"results-{n}" / ".index" / "p1.content.records").stat().st_size
         assert peaks[n] < contents[n], (peaks, contents)  # never the folder's records at once
     # 60 more files: a small fraction of their records' bytes more (the old merge: several times them).
     assert peaks[80] - peaks[20] < (contents[80] - contents[20]) / 4, (peaks, contents)
@@ -215,7 +215,7 @@ def test_records_the_slim_index_vouches_for_but_the_content_lacks_are_read_again
     files = _big_folder(store, 5, run_id="r1", tokens=5)
     merge_folder("p1", files, store, EXPECT)
     expected = store.read_bytes("p1.jsonl")
-    content = tmp_path / "results" / ".index" / "p1.content.jsonl"
+    content = tmp_path / "results" / ".index" / "p1.content.records"
     lines = content.read_bytes().splitlines(keepends=True)
     for damaged in (b"", lines[0] + b'{"id": "p1/0001.flac", "transcr\n' + b"".join(lines[2:]),
                     b"".join(reversed(lines))):

@@ -96,6 +96,20 @@ def good_clip(clip_bytes: dict[str, bytes]) -> bytes:
 # --- loading and health ---
 
 
+class BorrowedEngine:
+    """The session's engine, handed to an app as if it loaded it; the app's close() leaves it open
+    (closing the shared engine broke every later module of this worker that serves it)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def close(self) -> None:
+        pass
+
+
 def test_healthz_is_503_while_loading_then_200(
     make_service: MakeService, service_engine: Engine, good_clip: bytes
 ) -> None:
@@ -103,7 +117,7 @@ def test_healthz_is_503_while_loading_then_200(
 
     def slow_load() -> Engine:
         release.wait(30)
-        return service_engine
+        return BorrowedEngine(service_engine)  # the app closes what it loaded: not the shared engine
 
     url = make_service(engine=None, load=slow_load)
     loading = httpx.get(f"{url}/healthz")
