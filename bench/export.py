@@ -7,11 +7,12 @@ a fraction and flatter its rate). The files are written just before the runs, so
 mostly in the page cache: this measures the export, not the disk. Each measurement runs in a
 fresh process: wall time of the export call alone (imports excluded) and the rise of peak RSS
 during it. Rates at each N include each case's fixed start-up; the marginal rate between the
-two smallest sizes, (n2 - n1) / (t2 - t1), leaves it out. Baseline, in the same run: read every
+smallest and largest size, (n2 - n1) / (t2 - t1), leaves it out. Three sizes show whether
+memory levels off. Baseline, in the same run: read every
 JSONL line and write them gzip-compressed (the least any export must do). Prints JSON and
 writes bench/results/export-cpu.json.
 
-    uv run python bench/export.py --lines 2000 10000
+    uv run python bench/export.py --lines 2000 10000 20000
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _baseline(results: Path, out: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lines", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--lines", type=int, nargs="+", default=[2000, 10000, 20000])
     parser.add_argument("--child", nargs=3, metavar=("CASE", "RESULTS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -149,7 +150,7 @@ def main() -> None:
                 "wall time excludes imports; peak_rss_rise: peak RSS during the call minus RSS before it",
     }
     if len(args.lines) >= 2:
-        n1, n2 = (str(n) for n in sorted(args.lines)[:2])
+        n1, n2 = str(min(args.lines)), str(max(args.lines))
         marginal = {case: round((int(n2) - int(n1)) / max(f[n2]["wall_s"] - f[n1]["wall_s"], 1e-3), 1)
                     for case, f in figures.items()}
         summary["marginal_files_per_s"] = marginal
