@@ -80,7 +80,7 @@ class Manifest(_Part):
 
 def build_manifest(
     *, settings: PipelineSettings, health: dict, summary: RunSummary, run_id: str | None,
-    tokenizer_settings: dict[str, Any] | None = None,
+    tokenizer_settings: dict[str, Any],
 ) -> Manifest:
     """The manifest for a finished run (see `write_manifest`)."""
     fields = ["id", "transcription", "token_array"] + (["quality"] if settings.with_quality else [])
@@ -94,7 +94,7 @@ def build_manifest(
             device=health.get("device"), weights_sha256=health.get("weights_sha256"),
             decode=health.get("decode"), fingerprint=health.get("fingerprint"), language=settings.language,
         ),
-        tokeniser=describe_tokens(tokenizer_settings or _tokeniser_settings(settings)),
+        tokeniser=describe_tokens(tokenizer_settings),
         output=OutputInfo(fields=fields, with_quality=settings.with_quality, drop_flagged=settings.drop_flagged),
         counts=Counts(
             folders=summary.folders, files=summary.files, lines=summary.lines, failed=summary.failed,
@@ -105,15 +105,19 @@ def build_manifest(
 
 def write_manifest(
     results_root: str, *, settings: PipelineSettings, health: dict, summary: RunSummary, run_id: str | None,
-    tokenizer_settings: dict[str, Any] | None = None,
+    tokenizer_settings: dict[str, Any],
 ) -> str:
     """Write `results_root/manifest.json` atomically; returns the path a user can open.
 
     Args:
         health: the service's `/healthz` body (fields an older service lacks stay null).
-        tokenizer_settings: the tokeniser's provenance settings when the caller holds them (the
-            run plan does); otherwise those stored with the first line's tokens intermediate,
-            and failing that the tokeniser is built on CPU once to ask it.
+        tokenizer_settings: this run's tokeniser provenance settings (the flow's
+            `expect.tokenizer_settings`). Required: merge joins only lines whose tokens match
+            them, so they describe every line; a guess from what is on disk could describe
+            stale tokens instead.
+
+    Raises:
+        ValueError: settings of a tokeniser `specs.describe_tokens` does not know.
     """
     manifest = build_manifest(
         settings=settings, health=health, summary=summary, run_id=run_id, tokenizer_settings=tokenizer_settings
@@ -137,34 +141,6 @@ def read_manifest(results_root: str) -> Manifest | None:
         return Manifest.model_validate(json.loads(data))
     except (ValueError, ValidationError) as e:
         raise ValueError(f"{store.display(MANIFEST_NAME)} is not a valid manifest: {e}") from e
-
-
-def _tokeniser_settings(settings: PipelineSettings) -> dict[str, Any]:
-    """What produced the stored tokens: a line's intermediate says it without loading anything;
-    else ask the tokeniser itself (its settings are what every Tokens intermediate stores)."""
-    stored = _stored_tokeniser_settings(Store(settings.results_root))
-    if stored is not None and stored.get("name") == settings.tokenizer:
-        return stored
-    from tasks.tokenisers import get_tokeniser  # torch only when nothing on disk says it
-
-    tokeniser = get_tokeniser(settings.tokenizer, device="cpu", **settings.tokenizer_options)
-    return json.loads(json.dumps(tokeniser.settings))  # JSON round trip, as stored
-
-
-def _stored_tokeniser_settings(store: Store) -> dict[str, Any] | None:
-    """`tokenizer_settings` of the first line's tokens intermediate (merge joins only lines whose
-    intermediates match this run's settings), or None when there is no line or no intermediate."""
-    for folder in sorted(store.folders_with_results()):
-        with store.fs.open(store.path(f"{folder}.jsonl"), "rb") as f:
-            first = f.readline()
-        if not first.strip():
-            continue
-        try:
-            tokens = store.read_tokens(json.loads(first)["id"])
-        except (ValueError, KeyError, TypeError):
-            return None
-        return getattr(tokens, "tokenizer_settings", None)  # a Failure has none
-    return None
 
 
 def _absolute(root: str) -> str:

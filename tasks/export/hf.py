@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.export.reader import Sample, audio_size, flat_quality, read_audio
-from tasks.export.shards import ExportReport, LineError, write_atomic
+from tasks.export.shards import ExportReport, LineError
+from tasks.storage import Store
 from tasks.records import AudioQuality, TranscriptQuality
 
 ROW_GROUP_ROWS = 1000
@@ -149,7 +150,7 @@ class HfWriter:
             f"{report.samples} clips from an audio-pipeline results root. `manifest.json` says what\n"
             "`token_array` means (tokeniser, tokens per second, codebooks, layout) and how the text was made.\n"
         )
-        write_atomic(out / "README.md", card.encode())
+        Store(str(out)).write_bytes("README.md", card.encode())
 
 
 def _coerce(value: Any, arrow_type: str) -> Any:

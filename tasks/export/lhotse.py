@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,22 +109,41 @@ class LhotseWriter:
 
     def _write_shar(self, index: int, cuts: Iterator, targets: dict[str, str]) -> list[LineError]:
         """lhotse's own SharWriter, one shard at a time in a scratch dir, then moved to the temps."""
+        from lhotse.audio.utils import AudioLoadingError
         from lhotse.shar import SharWriter
 
         errors: list[LineError] = []
+        written = 0
         cut_target, tar_target = (targets[f] for f in self.files(index))
         with tempfile.TemporaryDirectory(dir=os.path.dirname(cut_target)) as scratch:
             # shard_size=None: one file per field, however many cuts; our engine does the sharding.
             with SharWriter(scratch, fields={"recording": "flac"}, shard_size=None) as writer:
                 for cut in cuts:
+                    # The audio is loaded before anything of the cut is written, so a failure
+                    # leaves no trace in the shard. AudioLoadingError (a truncated FLAC whose
+                    # header reads) subclasses only Exception.
                     try:
                         writer.write(cut)
-                    except (OSError, RuntimeError, ValueError) as e:  # audio that lhotse cannot load
+                    except (AudioLoadingError, OSError, RuntimeError, ValueError) as e:
                         errors.append(LineError(id=cut.id, error=f"lhotse could not load the audio: {e}"))
-            paths = writer.output_paths
-            os.replace(paths["cuts"][0], cut_target)
-            os.replace(paths["recording"][0], tar_target)
+                        continue
+                    written += 1
+            if written:
+                os.replace(writer.output_paths["cuts"][0], cut_target)
+                os.replace(writer.output_paths["recording"][0], tar_target)
+            else:
+                # SharWriter opens its files on the first cut: with none, write what it would
+                # have for zero cuts (an empty gzip, an empty tar), so the shard is complete and
+                # `CutSet.from_shar` reads it as no cuts.
+                _empty_shar(cut_target, tar_target)
         return errors
 
     def finish(self, out: Path, report: ExportReport) -> None:
+        pass
+
+
+def _empty_shar(cut_target: str, tar_target: str) -> None:
+    with gzip.open(cut_target, "wb"):
+        pass
+    with tarfile.open(tar_target, "w"):
         pass

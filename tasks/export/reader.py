@@ -54,8 +54,16 @@ class AudioInfo:
         return self.num_samples / self.sample_rate
 
 
-def iter_lines(results_root: str) -> Iterator[Sample | BadLine]:
-    """Every line of every `{folder}.jsonl` (never `*.errors.jsonl`), folders in sorted order."""
+# Without a manifest the tokens are exported as int64: a larger value would overflow the writer.
+INT64_LIMIT = 1 << 63
+
+
+def iter_lines(results_root: str, token_limit: int = INT64_LIMIT) -> Iterator[Sample | BadLine]:
+    """Every line of every `{folder}.jsonl` (never `*.errors.jsonl`), folders in sorted order.
+
+    A line with a token outside [0, token_limit) is a BadLine: the writers store tokens in the
+    manifest's dtype, sized to the codebook, and one value past it would fail the whole shard.
+    """
     store = Store(results_root)
     for folder in sorted(store.folders_with_results()):
         relative = f"{folder}.jsonl"
@@ -63,11 +71,16 @@ def iter_lines(results_root: str) -> Iterator[Sample | BadLine]:
             for number, line in enumerate(f, start=1):
                 raw = line.strip()
                 if raw:
-                    yield parse_line(raw, folder, f"{relative}:{number}")
+                    yield parse_line(raw, folder, f"{relative}:{number}", token_limit)
 
 
-def parse_line(raw: bytes, folder: str, where: str) -> Sample | BadLine:
-    """The line as a Sample, or a BadLine naming `where` (file:line) and what is wrong."""
+def parse_line(raw: bytes, folder: str, where: str, token_limit: int = INT64_LIMIT) -> Sample | BadLine:
+    """The line as a Sample, or a BadLine naming `where` (file:line) and what is wrong.
+
+    Args:
+        token_limit: every token must lie in [0, token_limit): the codebook size from the
+            manifest, else what int64 holds.
+    """
     record: object = None
     try:
         record = json.loads(raw)
@@ -75,7 +88,7 @@ def parse_line(raw: bytes, folder: str, where: str) -> Sample | BadLine:
             raise TypeError(f"a JSON {type(record).__name__}, not an object")
         return Sample(
             id=_text(record, "id"), folder=folder, transcription=_text(record, "transcription"),
-            token_array=_tokens(record), quality=_quality(record), raw=raw,
+            token_array=_tokens(record, token_limit), quality=_quality(record), raw=raw,
         )
     except (ValueError, TypeError, KeyError) as e:
         file_id = record.get("id") if isinstance(record, dict) else None
@@ -91,10 +104,14 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
-def _tokens(record: dict) -> list[int]:
+def _tokens(record: dict, limit: int) -> list[int]:
     tokens = record["token_array"]
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens):
+    # type() is int, not isinstance: JSON true/false are bools, which isinstance counts as ints.
+    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
         raise TypeError("'token_array' is not a list of non-negative integers")
+    if tokens and (top := max(tokens)) >= limit:
+        raise ValueError(f"token {top} at index {tokens.index(top)} is not below {limit} "
+                         "(the codebook size manifest.json gives, or int64's range without one)")
     return tokens
 
 
@@ -140,25 +157,24 @@ def _local(path: str) -> bool:
     return "://" not in path
 
 
-def quality_duration(quality: dict[str, Any] | None) -> float | None:
-    """A `duration` (seconds) anywhere in a line's quality object, as the service measured it."""
-    for key, value in _walk(quality or {}):
-        if key == "duration" and isinstance(value, int | float) and value > 0:
-            return float(value)
-    return None
+def quality_duration(quality: Any) -> float | None:
+    """The line's `duration` (seconds, as the service measured it), when it is a positive number."""
+    value = flat_quality(quality).get("duration")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
 
 
-def _walk(obj: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    for key, value in obj.items():
+def flat_quality(quality: Any) -> dict[str, Any]:
+    """A line's `quality` as one flat dict, the one reading every consumer shares.
+
+    Merge writes it flat (`tasks.merge.quality_object`); a line written by other hands may group
+    fields (e.g. `{"audio": {...}}`): those groups are lifted one level, top-level keys winning.
+    Anything but an object is no quality at all.
+    """
+    if not isinstance(quality, dict):
+        return {}
+    flat = {k: v for k, v in quality.items() if not isinstance(v, dict)}
+    for value in quality.values():
         if isinstance(value, dict):
-            yield from _walk(value)
-        else:
-            yield key, value
-
-
-def flat_quality(quality: dict[str, Any] | None) -> dict[str, Any]:
-    """Leaf fields of a (possibly nested) quality object by their own name; the first wins."""
-    flat: dict[str, Any] = {}
-    for key, value in _walk(quality or {}):
-        flat.setdefault(key, value)
+            for k, v in value.items():
+                flat.setdefault(k, v)
     return flat

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.export.reader import BadLine, Sample, iter_lines
+from tasks.export.reader import INT64_LIMIT, BadLine, Sample, iter_lines
 from tasks.manifest import MANIFEST_NAME, Manifest
 from tasks.storage import TEMP_PREFIX, TEMP_SUFFIX, Store
 
@@ -145,10 +145,14 @@ def run_export(
     (out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
     for leftover in Store(str(out_dir)).sweep_stale_temps():  # from a killed export, over an hour old
         progress(f"removed {leftover}, a temp file an earlier export was killed while writing")
-    options = _fingerprint({"format": writer.name, **writer.options(), "limit": [limit.samples, limit.bytes]})
+    # Tokens at or past the codebook size are bad lines (reader.parse_line); the bound is an
+    # option, since a different manifest makes the same lines into different shards.
+    token_limit = manifest.tokeniser.codebook_size if manifest is not None else INT64_LIMIT
+    options = _fingerprint({"format": writer.name, **writer.options(), "limit": [limit.samples, limit.bytes],
+                            "token_limit": token_limit})
 
-    plan = _plan(iter_lines(results_root), writer, limit)
-    stream = iter_lines(results_root)
+    plan = _plan(iter_lines(results_root, token_limit), writer, limit)
+    stream = iter_lines(results_root, token_limit)
     indexes: list[ShardIndex] = []
     reused = 0
     for shard in plan:
@@ -170,11 +174,12 @@ def run_export(
         files=[f for i in indexes for f in i.files], manifest=manifest is not None,
         wall_seconds=time.monotonic() - started, errors=errors[:100],
     )
+    store = Store(str(out_dir))
     if manifest is not None:
-        write_atomic(out_dir / MANIFEST_NAME, (manifest.model_dump_json(indent=2) + "\n").encode())
-    write_atomic(out_dir / ERRORS_NAME, "".join(e.model_dump_json() + "\n" for e in errors).encode())
+        store.write_bytes(MANIFEST_NAME, (manifest.model_dump_json(indent=2) + "\n").encode())
+    store.write_bytes(ERRORS_NAME, "".join(e.model_dump_json() + "\n" for e in errors).encode())
     writer.finish(out_dir, report)
-    write_atomic(out_dir / SUMMARY_NAME, (report.model_dump_json(indent=2) + "\n").encode())
+    store.write_bytes(SUMMARY_NAME, (report.model_dump_json(indent=2) + "\n").encode())
     return report
 
 
@@ -258,7 +263,7 @@ def _write(out_dir: Path, writer: Writer, shard: _Plan, lines: Iterator[Sample |
         sha256=digest.hexdigest(), options=options, files=files, first_id=shard.first_id,
         last_id=shard.last_id, errors=all_errors,
     )
-    write_atomic(_index_path(out_dir, shard.index), index.model_dump_json().encode())
+    Store(str(out_dir)).write_bytes(_index_name(shard.index), index.model_dump_json().encode())
     return index
 
 
@@ -273,8 +278,12 @@ def _remove_stale(out_dir: Path, writer: Writer, n_shards: int) -> None:
                 (out_dir / f).unlink(missing_ok=True)
 
 
+def _index_name(index: int) -> str:
+    return f"{INDEX_DIR}/shard-{index:06d}.json"
+
+
 def _index_path(out_dir: Path, index: int) -> Path:
-    return out_dir / INDEX_DIR / f"shard-{index:06d}.json"
+    return out_dir / _index_name(index)
 
 
 def _read_index(out_dir: Path, index: int) -> ShardIndex | None:
@@ -285,6 +294,7 @@ def _read_index(out_dir: Path, index: int) -> ShardIndex | None:
 
 
 def _temp_beside(target: Path) -> str:
+    """A temp file for a writer to stream a shard into (Store.write_bytes wants the bytes whole)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
     os.fchmod(fd, 0o644)  # mkstemp's 0600 would survive the rename: exports are for others to read
@@ -298,20 +308,6 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    tmp = _temp_beside(target)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _fingerprint(options: dict) -> str:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
-from tasks.tokenisers.specs import TokenSpec, describe_tokens
+from tasks.tokenisers.specs import DescribedBySettings
 
 SAMPLE_RATE = 24_000
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps the 24 kHz model supports
 FRAME_RATE = 75  # 24000 / 320 (encoder hop)
 
 
-class EncodecTokeniser:
+class EncodecTokeniser(DescribedBySettings):
     """EnCodec 24 kHz residual-VQ codes, flattened frame-major.
 
     Args:
@@ -85,10 +85,6 @@ class EncodecTokeniser:
             "layout": "frame-major",
             "weights_sha256": self.weights_sha256,
         }
-
-    def describe(self) -> TokenSpec:
-        """Rate, vocabulary and codebook layout of these tokens (written to results/manifest.json)."""
-        return describe_tokens(self.settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One list per clip of `ceil(len / 320) * n_q` codes in [0, 1024); empty clips give [].

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import whisper.audio
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
-from tasks.tokenisers.specs import TokenSpec, describe_tokens
+from tasks.tokenisers.specs import DescribedBySettings
 
 SAMPLE_RATE = 16_000
 N_MELS = 80
@@ -58,7 +58,7 @@ ROWS_PER_MATMUL = 1024
 ALGORITHM_VERSION = 1
 
 
-class RpqTokeniser:
+class RpqTokeniser(DescribedBySettings):
     """BEST-RQ tokens from 16 kHz mono audio; CUDA when available, float32 on CPU otherwise.
 
     Args:
@@ -109,10 +109,6 @@ class RpqTokeniser:
             "codebook_dim": self.codebook_dim,
             "codebook_size": self.codebook_size,
         }
-
-    def describe(self) -> TokenSpec:
-        """Rate, vocabulary and codebook layout of these tokens (written to results/manifest.json)."""
-        return describe_tokens(self.settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One token list per clip, in order: `len(clip) // 640` ints in [0, codebook_size).

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
-from tasks.tokenisers.specs import TokenSpec, describe_tokens
+from tasks.tokenisers.specs import DescribedBySettings
 
 SAMPLE_RATE = 16_000
 FRAME_SAMPLES = 640  # 40 ms at 16 kHz: 25 tokens per second, like rpq
 VOCAB_SIZE = 8192
 
 
-class SimulatedTokeniser:
+class SimulatedTokeniser(DescribedBySettings):
     """Pseudo-tokens: blake2b of each 40 ms frame's float32 bytes, mod 8192.
 
     Args:
@@ -59,10 +59,6 @@ class SimulatedTokeniser:
             "hash": "blake2b-64",
             "vocab_size": VOCAB_SIZE,
         }
-
-    def describe(self) -> TokenSpec:
-        """Rate, vocabulary and codebook layout of these tokens (written to results/manifest.json)."""
-        return describe_tokens(self.settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One list per clip of `len(clip) // 640` ints in [0, 8192); clips under 40 ms give [].

@@ -49,6 +49,16 @@ class TokenSpec(BaseModel):
         return frames * self.n_codebooks
 
 
+class DescribedBySettings:
+    """`describe()` for a tokeniser: its TokenSpec follows from its `settings` alone."""
+
+    settings: dict[str, Any]  # a property on each tokeniser
+
+    def describe(self) -> TokenSpec:
+        """Rate, vocabulary and codebook layout of these tokens (written to results/manifest.json)."""
+        return describe_tokens(self.settings)
+
+
 def describe_tokens(settings: dict[str, Any]) -> TokenSpec:
     """The `TokenSpec` of the tokeniser whose provenance settings are `settings`.
 

@@ -68,8 +68,9 @@ def build_results(base: Path, *, with_quality: bool) -> Results:
                 "duration": durations.get(line["id"], 0.6), "language": "en",
                 "avg_logprob": -0.1 * i, "no_speech_prob": 0.01, "compression_ratio": 1.2,
                 "temperature": 0.0, "words_per_second": 2.5, "flags": ["too_fast"] if i == 2 else [],
-                "audio": {"sample_rate": 16000, "channels": 1, "rms_dbfs": -20.5, "clipped_fraction": 0.0,
-                          "silence_fraction": 0.1, "snr_db": None if i == 1 else 30.0},
+                # Flat, as tasks.merge.quality_object writes it: transcript and audio fields side by side.
+                "sample_rate": 16000, "channels": 1, "rms_dbfs": -20.5, "clipped_fraction": 0.0,
+                "silence_fraction": 0.1, "snr_db": None if i == 1 else 30.0,
             }
     root.mkdir(parents=True)
     by_folder: dict[str, list[dict]] = {}

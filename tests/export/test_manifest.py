@@ -33,7 +33,8 @@ def test_manifest_records_service_tokeniser_counts_and_run(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     settings = PipelineSettings(audio_root="corpus", results_root="out", tokenizer="simulated",
                                 language="en", with_quality=True)
-    shown = write_manifest("out", settings=settings, health=HEALTH, summary=_summary("out"), run_id="1234-abcd")
+    shown = write_manifest("out", settings=settings, health=HEALTH, summary=_summary("out"), run_id="1234-abcd",
+                           tokenizer_settings=get_tokeniser("simulated", device="cpu").settings)
     assert shown == str(tmp_path / "out" / MANIFEST_NAME)
     raw = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert raw["schema_version"] == 1 and raw["run_id"] == "1234-abcd"
@@ -46,7 +47,6 @@ def test_manifest_records_service_tokeniser_counts_and_run(tmp_path: Path, monke
     assert raw["counts"] == {"folders": 2, "files": 10, "lines": 8, "failed": 2, "flagged": 1, "new": 4}
     assert raw["output"]["fields"] == ["id", "transcription", "token_array", "quality"]
     token = raw["tokeniser"]
-    # Built from the tokeniser itself when the caller has no settings to hand.
     assert token["settings"] == get_tokeniser("simulated", device="cpu").settings
     assert (token["tokens_per_second"], token["codebook_size"], token["n_codebooks"]) == (25.0, 8192, 1)
     assert (token["layout"], token["value_dtype"]) == ("flat", "uint16")
@@ -58,7 +58,8 @@ def test_manifest_records_service_tokeniser_counts_and_run(tmp_path: Path, monke
 def test_an_older_service_leaves_its_unknown_fields_null(tmp_path: Path) -> None:
     settings = PipelineSettings(audio_root=str(tmp_path / "a"), results_root=str(tmp_path / "r"), tokenizer="simulated")
     write_manifest(str(tmp_path / "r"), settings=settings, health={"status": "ok", "model": "tiny.en"},
-                   summary=_summary(str(tmp_path / "r")), run_id=None, tokenizer_settings=None)
+                   summary=_summary(str(tmp_path / "r")), run_id=None,
+                   tokenizer_settings=get_tokeniser("simulated", device="cpu").settings)
     manifest = read_manifest(str(tmp_path / "r"))
     assert manifest.service.model == "tiny.en"
     assert manifest.service.engine is None and manifest.service.fingerprint is None and manifest.run_id is None
@@ -100,17 +101,21 @@ def test_encodec_is_described_frame_major_from_its_bandwidth() -> None:
         describe_tokens({k: v for k, v in settings.items() if k != "n_q"})
 
 
-def test_without_settings_to_hand_the_stored_intermediate_describes_the_tokens(tmp_path: Path) -> None:
-    """What produced the lines on disk, read from the first line's tokens intermediate."""
+def test_the_run_names_its_tokeniser_and_nothing_on_disk_overrides_it(tmp_path: Path) -> None:
+    """No guessing from the first line's intermediate: that may be a stale run's tokens."""
     from tasks.records import SourceInfo, Tokens
     from tasks.storage import Store
 
-    stored = {**get_tokeniser("rpq", device="cpu", seed=7, codebook_size=4096).settings}
+    stale = get_tokeniser("rpq", device="cpu", seed=7, codebook_size=4096).settings
     store = Store(str(tmp_path / "r"))
-    store.write_record("tokens", Tokens(id="p1/a.flac", token_array=[1], tokenizer="rpq", tokenizer_settings=stored,
+    store.write_record("tokens", Tokens(id="p1/a.flac", token_array=[1], tokenizer="rpq", tokenizer_settings=stale,
                                         source=SourceInfo(size=1, mtime="0")))
     store.write_bytes("p1.jsonl", b'{"id": "p1/a.flac", "transcription": "a", "token_array": [1]}\n')
     settings = PipelineSettings(audio_root=str(tmp_path), results_root=str(tmp_path / "r"), tokenizer="rpq")
-    write_manifest(str(tmp_path / "r"), settings=settings, health={}, summary=_summary("r"), run_id=None)
+    with pytest.raises(TypeError, match="tokenizer_settings"):
+        write_manifest(str(tmp_path / "r"), settings=settings, health={}, summary=_summary("r"), run_id=None)
+    current = get_tokeniser("rpq", device="cpu").settings
+    write_manifest(str(tmp_path / "r"), settings=settings, health={}, summary=_summary("r"), run_id=None,
+                   tokenizer_settings=current)
     spec = read_manifest(str(tmp_path / "r")).tokeniser
-    assert spec.settings == stored and spec.codebook_size == 4096 and spec.value_dtype == "uint16"
+    assert spec.settings == current != stale and spec.codebook_size == current["codebook_size"] != 4096
