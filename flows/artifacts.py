@@ -34,6 +34,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.plots import Panel, data_url, histogram_png
+from tasks.export.reader import flat_quality
 from tasks.merge import jsonl_name
 from tasks.records import FolderReport, Tokens, Transcription
 from tasks.storage import Store
@@ -256,7 +257,7 @@ def head_lines(store: Store, folder: str, n: int) -> list[dict[str, Any]]:
 
 def clip_of(line: dict[str, Any], store: Store, audio_root: str | None = None) -> Clip:
     """A line's clip: quality from the line when written with --with-quality, else the intermediates."""
-    quality = _flatten(line.get("quality"))
+    quality = flat_quality(line.get("quality"))
     fields: dict[str, Any] = {k: quality.get(k) for k in ("duration", *(p[0] for p in QUALITY_PANELS))}
     flags = quality.get("flags")
     has_quality = bool(quality)
@@ -440,18 +441,6 @@ def _counts_line(reports: Sequence[FolderReport], wall_seconds: float) -> str:
     rate = f", {c['new'] / wall_seconds:.2f} new files/s" if c["new"] and wall_seconds > 0 else ""
     return (f"{c['files']:,} files: {c['new']:,} new, {c['reused']:,} reused, {c['failed']:,} failed, "
             f"{c['flagged']:,} flagged{rate}")
-
-
-def _flatten(quality: Any) -> dict[str, Any]:
-    """A line's `quality` object with nested groups (e.g. transcript/audio) lifted to the top."""
-    if not isinstance(quality, dict):
-        return {}
-    flat = {k: v for k, v in quality.items() if not isinstance(v, dict)}
-    for value in quality.values():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat.setdefault(k, v)
-    return flat
 
 
 def _audio_duration(audio_root: str, file_id: str) -> float | None:
