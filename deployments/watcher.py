@@ -163,6 +163,15 @@ def file_event(root: Path, path: Path, size: int, mtime_ns: int) -> Event:
     )
 
 
+def _folder_in_decode_error(message: str, root: Path) -> Path:
+    """The folder of the path named in watchfiles' 'Unable to decode path "..."' (root if unclear)."""
+    match = re.search(r'path "(.*)"', message)
+    if match is None:
+        return root
+    folder = Path(match.group(1)).parent
+    return folder if folder.is_dir() and (folder == root or root in folder.parents) else root
+
+
 def _audio_under(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     """Candidate audio files anywhere below `folder` (the pipeline lists the same ones)."""
     found = []
@@ -239,10 +248,31 @@ def _watch(root: Path, exts: tuple[str, ...], outbox: Outbox, tracker: Stability
             skipped.add(path)
             logger.warning("skipped %r: %s (the pipeline refuses it as an id; rename the file)", str(path), reason)
 
-    changes_seen = watchfiles.watch(
-        root, watch_filter=audio_or_folder, debounce=max(poll_ms, 100), step=50, rust_timeout=poll_ms,
-        yield_on_timeout=True, stop_event=stop_event, raise_interrupt=False,
-    )
+    def watching():
+        """watchfiles' changes, restarted after a name it cannot decode.
+
+        watchfiles (1.x) raises WatchfilesRustInternalError ("Unable to decode path") for a name
+        that is not valid UTF-8 and its generator is then dead: the watcher would stop. Restart
+        it and scan that name's folder for what landed meanwhile (the bad name is skipped there).
+        """
+        while True:
+            changes_seen = watchfiles.watch(
+                root, watch_filter=audio_or_folder, debounce=max(poll_ms, 100), step=50,
+                rust_timeout=poll_ms, yield_on_timeout=True, stop_event=stop_event, raise_interrupt=False,
+            )
+            try:
+                yield from changes_seen
+                return
+            except RuntimeError as e:
+                if "decode path" not in str(e):
+                    raise
+                folder = _folder_in_decode_error(str(e), root)
+                logger.warning("a file name is not valid UTF-8 (%s); skipped, watching again", e)
+                yield {(watchfiles.Change.added, str(folder))}
+            finally:
+                changes_seen.close()
+
+    changes_seen = watching()
     started = False
     try:
         for changes in changes_seen:

@@ -279,3 +279,19 @@ def test_names_that_cannot_be_ids_are_skipped_not_fatal(tmp_path, caplog):
         wait_until(lambda: "p1/after.flac" in api.ids(), 30, "a later file's event", explain=lambda: caplog.text)
     assert sorted(api.ids("p1/")) == ["p1/after.flac", "p1/good.flac"]
     assert "not valid UTF-8" in caplog.text and "control characters" in caplog.text
+
+
+def test_a_non_utf8_name_in_a_watched_folder_does_not_stop_the_watcher(tmp_path, caplog):
+    """Regression: in a folder already watched, watchfiles itself raises on a non-UTF-8 name
+    ("Unable to decode path") and its generator dies; the watcher restarts it and rescans."""
+    root, state = tmp_path / "audio", tmp_path / "state"
+    (root / "p1").mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="deployments")
+    with EventsApi().serving() as api, watcher_thread(root, ApiSink(api.url), 0.5, state, sent=api.ids):
+        with open(os.path.join(os.fsencode(root / "p1"), b"caf\xe9.flac"), "wb") as f:
+            f.write(SILENT_FLAC)
+        (root / "p1" / "good.flac").write_bytes(SILENT_FLAC)
+        wait_until(lambda: "p1/good.flac" in api.ids(), 30, "the good file's event", explain=lambda: caplog.text)
+        (root / "p1" / "after.flac").write_bytes(SILENT_FLAC)
+        wait_until(lambda: "p1/after.flac" in api.ids(), 30, "a later file's event", explain=lambda: caplog.text)
+    assert "not valid UTF-8" in caplog.text

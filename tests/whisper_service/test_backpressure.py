@@ -332,10 +332,15 @@ def test_client_gives_up_on_429_after_its_wait_budget(make_service: MakeService,
                                 http_retries=0, http_timeout_s=1.5)
     try:
         with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(httpx.post, f"{url}/transcribe", files={"file": ("a.flac", silent_flac(16_000 + i))},
-                                timeout=DEADLINE_S) for i in range(2)]
-            wait_until(lambda: len(engine.seen) == 1 and metric(url, "whisper_queue_depth", lane="short") == 1,
-                       "one clip in the (shut) engine and one queued")
+            def post(i: int):
+                return pool.submit(httpx.post, f"{url}/transcribe",
+                                   files={"file": ("a.flac", silent_flac(16_000 + i))}, timeout=DEADLINE_S)
+
+            # One after the other: sent together, the second can find the first still queued (429).
+            busy = [post(0)]
+            wait_until(lambda: len(engine.seen) == 1, "the first clip in the (shut) engine")
+            busy.append(post(1))
+            wait_until(lambda: metric(url, "whisper_queue_depth", lane="short") == 1, "the second clip queued")
             started = time.monotonic()
             with ServiceClient(settings) as client, pytest.raises(ServiceOverloadedError, match="429"):
                 client.transcribe(silent_flac(30_000), "c.flac")
