@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
@@ -129,13 +129,7 @@ class Store:
                     os.unlink(tmp)
                 raise
             return
-        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
-        if protocols & _ATOMIC_PUT_PROTOCOLS:
-            self.fs.pipe_file(target, data)
-        else:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, target)
+        self._put_atomically(target, lambda path: self.fs.pipe_file(path, data))
 
     def write_record(self, kind: Kind, record: BaseModel) -> None:
         self.write_bytes(self.intermediate(kind, record.id), record.model_dump_json().encode())
@@ -197,13 +191,18 @@ class Store:
                 os.unlink(tmp)
 
     def _upload(self, local: str, target: str) -> None:
+        self._put_atomically(target, lambda path: self.fs.put_file(local, path))
+
+    def _put_atomically(self, target: str, put: Callable[[str], object]) -> None:
+        """`put(path)` so readers see the old object or the new one: a single PUT where the store
+        makes PUTs atomic, else a PUT to a temp name moved over the target."""
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         if protocols & _ATOMIC_PUT_PROTOCOLS:
-            self.fs.put_file(local, target)
-        else:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            self.fs.put_file(local, tmp)
-            self.fs.mv(tmp, target)
+            put(target)
+            return
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        put(tmp)
+        self.fs.mv(tmp, target)
 
     def sweep_stale_temps(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete temp files a killed writer left behind; returns their paths.
