@@ -137,7 +137,7 @@ def prefect_server(home: Path):
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
     with open(home / "server.log", "wb") as log:
         proc = subprocess.Popen([Path(sys.executable).parent / "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port), "--no-services"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     api = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 600

@@ -149,24 +149,26 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
     # Every intermediate this run writes carries its id, so reports count what it produced (`new`).
     provenance = checked.provenance.model_copy(update={"run_id": run_id})
     try:
-        plan, refused = build_plan(settings, provenance, checked.model, worker_count(settings), run_id)
+        plan, refused, settled = build_plan(settings, provenance, checked.model, worker_count(settings), run_id)
     except FileNotFoundError as e:  # the root vanished since the check
         raise RunNotStartedError(str(e)) from e
     for old in prune_runs(settings.results_root, current=run_id):
         logger.debug("removed the plan of run %s", old)
     logger.info(
-        "found %d audio files in %d folders under %s (%d refused); plan: %d shards, %d merge groups at %s",
-        plan.files, plan.folders, settings.audio_root, plan.refused, plan.shards,
-        len(plan.groups), plan.location,
+        "found %d audio files in %d folders under %s (%d refused); %d folders (%d files) unchanged since "
+        "their last merge, left alone; plan: %d shards, %d merge groups at %s",
+        plan.files, plan.folders, settings.audio_root, plan.refused, plan.settled_folders, plan.settled_files,
+        plan.shards, len(plan.groups), plan.location,
     )
     for e in refused[:10]:
         logger.warning("refused %s: %s", e.id, e.error)
-    share_api_url_with_workers()
     progress = start_progress(plan.shards)
     runner = context.task_runner if context else None
-    if isinstance(runner, PipelineTaskRunner):
-        runner.start(settings)
-    reports = process_plan(plan, settings, progress)
+    if plan.shards or plan.groups:  # nothing to do: no cluster to start
+        share_api_url_with_workers()
+        if isinstance(runner, PipelineTaskRunner):
+            runner.start(settings)
+    reports = sorted([*settled, *process_plan(plan, settings, progress)], key=lambda r: r.folder)
     folders = {r.folder for r in reports}
     # Kept, not deleted: an unreadable mount or a narrower --extensions also makes folders vanish.
     stale = sorted(store.folders_with_results() - folders)
@@ -270,8 +272,8 @@ def runner_client():
     """The Dask client of this flow's task runner, or None (another runner was chosen)."""
     context = FlowRunContext.get()
     runner = context.task_runner if context else None
-    if isinstance(runner, PipelineTaskRunner) and runner.dask is not None:
-        return runner.client
+    if isinstance(runner, PipelineTaskRunner):
+        return runner.client if runner.dask is not None else None  # not started: nothing to do
     return getattr(runner, "client", None)
 
 

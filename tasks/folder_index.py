@@ -29,7 +29,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -42,7 +42,7 @@ from tasks.provenance import (
     wanted_tokens_key,
     wanted_transcription_key,
 )
-from tasks.records import AudioFile, Provenance, Record, Tokens, Transcription
+from tasks.records import AudioFile, FileError, OutputOptions, Provenance, Record, Tokens, Transcription
 from tasks.storage import Kind, Store
 
 INDEX_DIR = ".index"
@@ -56,10 +56,35 @@ class IndexEntry(Record):
     tokens: TokensKey | None = None
 
 
+class OutputStat(Record):
+    """A stored output as its filesystem describes it: what tells "as merge left it" from "edited"."""
+
+    size: int
+    modified: str  # mtime / LastModified / ETag as the filesystem reports it, as text
+
+
+class MergeStamp(Record):
+    """What the folder's last merge wrote, and from which files: a rerun whose discovery and
+    settings the index still vouches for, and whose outputs are as merge left them, would write
+    the same bytes, so it skips the folder (`tasks.settled`). Written only by a merge in which no
+    file failed (clips moved out by `drop_flagged` are not failures)."""
+
+    ids_sha256: str  # the folder's discovered ids, sorted: a file added or removed since breaks it
+    output: OutputOptions
+    lines: int
+    audio_seconds: float
+    flagged: int
+    worst: list[dict[str, Any]] = Field(default_factory=list)
+    dropped: list[FileError] = Field(default_factory=list)  # stage "quality" only
+    jsonl: OutputStat | None
+    errors_jsonl: OutputStat | None  # None: merge removed it (nothing dropped)
+
+
 class FolderIndex(Record):
     version: Literal[2] = 2  # 1 held full records: read as empty (a one-off cost of reads)
     folder: str
     entries: dict[str, IndexEntry] = Field(default_factory=dict)
+    merged: MergeStamp | None = None  # absent in indexes written before it: the folder is merged again
 
 
 class ContentLine(Record):
@@ -108,7 +133,11 @@ def content_path(folder: str) -> str:
 
 def load_index(store: Store, folder: str) -> LoadedIndex:
     """The folder's slim index in one request; empty when absent, torn, older or another folder's."""
-    raw = store.read_bytes(index_path(folder))
+    return parse_index(folder, store.read_bytes(index_path(folder)))
+
+
+def parse_index(folder: str, raw: bytes | None) -> LoadedIndex:
+    """A slim index from its stored bytes (None: absent); empty when torn, older or another folder's."""
     empty = FolderIndex(folder=folder)
     if raw is None:
         return LoadedIndex(empty, None)
@@ -121,19 +150,21 @@ def load_index(store: Store, folder: str) -> LoadedIndex:
     return LoadedIndex(index, raw)
 
 
-def index_bytes(folder: str, entries: dict[str, IndexEntry]) -> bytes:
+def index_bytes(folder: str, entries: dict[str, IndexEntry], merged: MergeStamp | None = None) -> bytes:
     """Deterministic bytes (ids sorted, empty entries dropped): equal content, equal bytes."""
     kept = {i: entries[i] for i in sorted(entries) if entries[i].transcription or entries[i].tokens}
-    return FolderIndex(folder=folder, entries=kept).model_dump_json().encode()
+    return FolderIndex(folder=folder, entries=kept, merged=merged).model_dump_json().encode()
 
 
-def save_index(store: Store, loaded: LoadedIndex, entries: dict[str, IndexEntry]) -> bool:
+def save_index(
+    store: Store, loaded: LoadedIndex, entries: dict[str, IndexEntry], merged: MergeStamp | None = None
+) -> bool:
     """Write the folder's new slim index unless it equals what was read; True if written.
 
     Call under the folder lock (`Store.folder_lock`), with `loaded` read under the same lock,
-    after the content it describes was written.
+    after the content it describes and the outputs `merged` stamps were written.
     """
-    data = index_bytes(loaded.index.folder, entries)
+    data = index_bytes(loaded.index.folder, entries, merged)
     if data == loaded.raw:
         return False
     store.write_bytes(index_path(loaded.index.folder), data)

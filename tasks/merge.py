@@ -51,18 +51,19 @@ from tasks.records import (
     Transcription,
     folder_of,
 )
-from tasks.storage import Kind, Store, StreamWriter, output_name_problem, parse_intermediate
+from tasks.settled import merge_stamp
+from tasks.storage import (
+    Kind,
+    Store,
+    StreamWriter,
+    errors_name,
+    jsonl_name,
+    output_name_problem,
+    parse_intermediate,
+)
 
 WORST_CLIPS = 5  # flagged clips listed per folder in the report and the folder artifact
 _SIDES: tuple[tuple[Kind, str], ...] = (("transcriptions", "transcribe"), ("tokens", "tokenise"))
-
-
-def jsonl_name(folder: str) -> str:
-    return f"{folder}.jsonl"
-
-
-def errors_name(folder: str) -> str:
-    return f"{folder}.errors.jsonl"
 
 
 def merge_folder(
@@ -100,12 +101,16 @@ def merge_folder(
         errors = _one_per_file([*known_errors, *joined.errors])
         changed = joined.changed
         changed |= _write_errors(store, folder, errors)
-    return FolderReport(
-        folder=folder, files=n_files, lines=joined.lines, errors=errors,
-        audio_seconds=joined.audio_seconds, changed=changed, jsonl=store.display(jsonl_name(folder)),
-        errors_jsonl=store.display(errors_name(folder)) if errors else None,
-        new=joined.new, flagged=joined.flagged, worst=joined.worst(),
-    )
+        report = FolderReport(
+            folder=folder, files=n_files, lines=joined.lines, errors=errors,
+            audio_seconds=joined.audio_seconds, changed=changed, jsonl=store.display(jsonl_name(folder)),
+            errors_jsonl=store.display(errors_name(folder)) if errors else None,
+            new=joined.new, flagged=joined.flagged, worst=joined.worst(),
+        )
+        # Last, after the content and both outputs, so its stamp describes them as written
+        # (a crash before this leaves the old stamp, which then fails to match: merged again).
+        save_index(store, joined.index, joined.entries, merge_stamp(store, folder, files, report, output))
+    return report
 
 
 def _join(
@@ -153,6 +158,8 @@ class _Joined:
         self.new = 0
         self.flagged = 0
         self.changed = False
+        self.index: LoadedIndex | None = None  # the slim index as read, and the entries to save
+        self.entries: dict[str, IndexEntry] = {}
         self._worst: list[tuple[tuple, dict[str, Any]]] = []  # a bounded heap of the worst flagged clips
 
     def run(
@@ -189,7 +196,7 @@ class _Joined:
                 raise _ContentLost
             new_content.old_digest = content.digest()  # streamed already: no second read
         self.changed = out.changed
-        save_index(store, index, entries)  # after the content it describes
+        self.index, self.entries = index, entries  # saved by merge_folder, after every output
 
     def _join_one(self, f: AudioFile, t: Any, k: Any, out: StreamWriter) -> None:
         problems = {

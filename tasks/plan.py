@@ -21,13 +21,26 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from pydantic import BaseModel
 
 from tasks.discover import Listing, ShardPacker, group_folders, scan_audio, shard_target, to_audio_file
-from tasks.records import AudioFile, Batch, FileError, Provenance, Record, Shard, folder_of
+from tasks.folder_index import LoadedIndex, index_path, parse_index
+from tasks.provenance import settings_sha256
+from tasks.records import (
+    AudioFile,
+    Batch,
+    FileError,
+    FolderReport,
+    OutputOptions,
+    Provenance,
+    Record,
+    Shard,
+    folder_of,
+)
+from tasks.settled import settled_report
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
 
@@ -35,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
 KEEP_RUNS = 5  # older plans are deleted at the start of a run
+INDEX_READS = 64  # folders whose slim indexes are read in one bulk call while planning
 RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 
 
@@ -69,6 +83,8 @@ class RunPlan(Record):
     shards: int
     groups: list[GroupRef]
     refused: int  # ids refused at discovery whose folder cannot be written (refused.jsonl)
+    settled_folders: int = 0  # unchanged since their last merge: no task (`tasks.settled`)
+    settled_files: int = 0
 
 
 def new_run_id(flow_run_id: str | None = None) -> str:
@@ -81,14 +97,22 @@ def public_settings(settings: PipelineSettings) -> dict[str, Any]:
     return settings.model_dump(mode="json", exclude={"service_token"})
 
 
+class Planned(NamedTuple):
+    plan: RunPlan
+    refused: list[FileError]  # ids refused at discovery (for the summary)
+    settled: list[FolderReport]  # folders left alone: their reports, as their last merge wrote them
+
+
 def build_plan(
     settings: PipelineSettings, provenance: Provenance, model: str | None, n_workers: int, run_id: str,
     listing: Listing | None = None,
-) -> tuple[RunPlan, list[FileError]]:
-    """List the audio root and write the plan; returns it and the refused ids (for the summary).
+) -> Planned:
+    """List the audio root and write the plan of what is left to do.
 
-    Shards are written as they fill, so the flow process holds one shard of AudioFile records at
-    a time plus a compact tuple per file.
+    Folders unchanged since their last merge (`tasks.settled`) get no shard and no merge: a rerun
+    costs O(folders) reads here plus the work on what changed. Shards are written as they fill,
+    so the flow process holds one folder and one shard of AudioFile records at a time plus a
+    compact tuple per file.
 
     Raises:
         FileNotFoundError: the audio root does not exist.
@@ -116,12 +140,24 @@ def build_plan(
                 shards_of[batch.folder].add(shard.index)
 
     counts: dict[str, int] = {}
-    for folder in sorted(by_folder):
-        files = by_folder.pop(folder)
-        counts[folder] = len(files)
-        for start in range(0, len(files), settings.batch_size):
-            chunk = [to_audio_file(listing, fs, f) for f in files[start : start + settings.batch_size]]
-            write(packer.add(Batch.model_construct(folder=folder, files=chunk)))
+    settled: list[FolderReport] = []
+    output = OutputOptions(with_quality=settings.with_quality, drop_flagged=settings.drop_flagged)
+    settings_hash = settings_sha256(provenance.tokenizer_settings)
+    names = sorted(by_folder)
+    for start in range(0, len(names), INDEX_READS):
+        chunk_names = names[start : start + INDEX_READS]
+        indexes = read_indexes(store, [n for n in chunk_names if n not in errors_by_folder])
+        for folder in chunk_names:
+            files = [to_audio_file(listing, fs, f) for f in by_folder.pop(folder)]
+            if folder in indexes:
+                report = settled_report(store, folder, files, indexes[folder], provenance, output, settings_hash)
+                if report is not None:
+                    settled.append(report)
+                    continue
+            counts[folder] = len(files)
+            for first in range(0, len(files), settings.batch_size):
+                batch = Batch.model_construct(folder=folder, files=files[first : first + settings.batch_size])
+                write(packer.add(batch))
     write(packer.close())
 
     folders = sorted(set(shards_of) | set(errors_by_folder))
@@ -138,11 +174,17 @@ def build_plan(
     plan = RunPlan(
         run_id=run_id, location=location, audio_root=settings.audio_root, results_root=settings.results_root,
         settings=public_settings(settings), provenance=provenance, model=model,
-        files=len(listing.files), folders=len(folders), shards=packer.count, groups=groups,
-        refused=len(listing.refused),
+        files=len(listing.files), folders=len(folders) + len(settled), shards=packer.count, groups=groups,
+        refused=len(listing.refused), settled_folders=len(settled), settled_files=sum(r.files for r in settled),
     )
     store.write_bytes(f"{run_dir}/plan.json", plan.model_dump_json(indent=1).encode())
-    return plan, listing.refused
+    return Planned(plan, listing.refused, settled)
+
+
+def read_indexes(store: Store, folders: list[str]) -> dict[str, LoadedIndex]:
+    """The slim indexes of `folders` in one bulk read (concurrent GETs on object stores)."""
+    blobs = store.read_many([index_path(folder) for folder in folders])
+    return {folder: parse_index(folder, raw) for folder, raw in zip(folders, blobs, strict=True)}
 
 
 def prune_runs(results_root: str, keep: int = KEEP_RUNS, current: str | None = None) -> list[str]:

@@ -232,6 +232,24 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def stat(self, relative: str) -> tuple[int, str] | None:
+        """(size, last-modified as text) of a stored file, one request; None if it is absent.
+
+        Local: the mtime in nanoseconds; object stores: the ETag or LastModified they report.
+        """
+        if self.is_local:
+            try:
+                st = os.stat(self.path(relative))
+            except FileNotFoundError:
+                return None
+            return st.st_size, str(st.st_mtime_ns)
+        try:
+            info = self.fs.info(self.path(relative))
+        except FileNotFoundError:
+            return None
+        modified = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "created") if info.get(k)), "")
+        return int(info.get("size") or 0), str(modified)
+
     def iter_lines(self, relative: str) -> Iterator[bytes]:
         """The stored file's lines (with their newline), streamed; none if it is absent."""
         try:
@@ -342,6 +360,14 @@ def parse_intermediate(data: bytes | None, file_id: str, model: type[BaseModel])
     except (ValueError, ValidationError, AttributeError):
         return None  # torn by an older crash or foreign: treat as missing, it gets redone
     return record if record.id == file_id else None
+
+
+def jsonl_name(folder: str) -> str:
+    return f"{folder}.jsonl"
+
+
+def errors_name(folder: str) -> str:
+    return f"{folder}.errors.jsonl"
 
 
 def output_name_problem(folder: str) -> str | None:

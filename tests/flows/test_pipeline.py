@@ -77,11 +77,20 @@ def test_rerun_reuses_everything(demo_run, whisper_service_url):
     before_bytes = {p.name: p.read_bytes() for p in results.glob("*.jsonl")}
     before_mtimes = {p.name: p.stat().st_mtime_ns for p in results.glob("*.jsonl")}
     before = transcribe_requests(whisper_service_url)
-    again = run_flow(DEMO_AUDIO, results, whisper_service_url, batch_size=4)
+    state = run_flow(DEMO_AUDIO, results, whisper_service_url, batch_size=4, return_state=True)
+    again = summary_of(state)
     assert transcribe_requests(whisper_service_url) == before
     assert {p.name: p.read_bytes() for p in results.glob("*.jsonl")} == before_bytes
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.jsonl")} == before_mtimes  # not rewritten
-    assert again.lines == summary.lines
+    assert (again.files, again.lines, again.new, again.audio_hours) == (summary.files, summary.lines, 0, summary.audio_hours)
+    # Nothing changed, so nothing was scheduled: no task run, and no Dask cluster started.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert task_runs == []
 
 
 def test_changed_tokeniser_redoes_tokens_only(demo_run, whisper_service_url, tmp_path):

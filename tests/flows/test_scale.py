@@ -82,3 +82,22 @@ def test_five_thousand_files_with_small_parameters(tmp_path, whisper_service_url
     assert len([n for n in names if n.startswith("merge-")]) <= 64
     print(f"{FILES} files in {wall:.1f} s, {len(task_runs)} task runs")
     assert wall < 110
+
+    # 10 new files in one folder: only that folder gets work (one shard, one merge: 3 task runs).
+    clip = audio / "silence.flac.src"
+    for i in range(PER_FOLDER, PER_FOLDER + 10):
+        os.link(clip, audio / "s007" / f"s007_{i:04d}_mic1.flac")
+    before = transcribe_requests(whisper_service_url)
+    started = time.monotonic()
+    state = parallel_transcribe_tokenise(
+        audio_root=str(audio), results_root=str(results), service_url=whisper_service_url,
+        tokenizer="simulated", n_workers=1, return_state=True,
+    )
+    rerun_wall = time.monotonic() - started
+    summary = summary_of(state)
+    assert (summary.files, summary.lines, summary.new, summary.failed) == (FILES + 10, FILES + 10, 10, 0)
+    assert transcribe_requests(whisper_service_url) - before == 10
+    assert len((results / "s007.jsonl").read_text().splitlines()) == PER_FOLDER + 10
+    _, task_runs = runs_of(state.state_details.flow_run_id)
+    assert sorted(t.name for t in task_runs) == ["merge-s007", "tokenise-shard-0", "transcribe-shard-0"]
+    print(f"rerun with 10 new files: {rerun_wall:.1f} s, {len(task_runs)} task runs")

@@ -30,7 +30,7 @@ def test_plan_is_written_once_and_read_back_by_reference(tmp_path):
     (tmp_path / "audio" / "s001" / "broken.flac").symlink_to(tmp_path / "nowhere.flac")
     settings = PipelineSettings(audio_root=str(tmp_path / "audio"), results_root=str(tmp_path / "results"),
                                 shard_max_files=256, merge_max_tasks=8, service_token="secret-token")
-    plan, refused = build_plan(settings, PROVENANCE, "tiny.en", n_workers=1, run_id="20260101T000000Z-0000abcd")
+    plan, refused, _ = build_plan(settings, PROVENANCE, "tiny.en", n_workers=1, run_id="20260101T000000Z-0000abcd")
     assert refused == []
     assert (plan.files, plan.folders, len(plan.groups)) == (3000, 30, 8)
     assert 12 <= plan.shards <= 13  # 3,000 files in shards of <= 256 (batches of 32 are never split)
