@@ -84,6 +84,10 @@ def _pipeline_options(f):
                      help="Move clips with quality flags to {folder}.errors.jsonl (stage quality)."),
         click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0), default=None,
                      help="Failed files (0..1 of all) a run may have and still exit 0 / end Completed (default 0)."),
+        click.option("--export", "export_formats", default=None,
+                     help="Comma-separated formats to export into at the end: lhotse,hf,webdataset,nemo."),
+        click.option("--export-root", default=None,
+                     help="Local directory for those exports, one folder per format (default RESULTS-exports)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -93,7 +97,8 @@ def _pipeline_options(f):
 EXIT_CODES = """\b
 Exit codes:
   0  every file has a line (or the failed ones are within --max-failed-fraction)
-  1  some files failed: listed here and in RESULTS/{folder}.errors.jsonl
+  1  some files failed: listed here and in RESULTS/{folder}.errors.jsonl; or an --export
+     failed or left lines out (the JSONL is written)
   2  the run could not start: bad or missing audio root, results root not writable or owned
      by another audio root, service unreachable or refusing the token, bad settings, root not
      in AUDIO_PIPELINE_ALLOWED_ROOTS; checked before any work, one line, nothing sent
@@ -207,8 +212,9 @@ def _run(preview: int, **parameters) -> int:
     parameters = {k: v for k, v in parameters.items() if v is not None and v is not False}
     # The flow builds its settings from parameters + environment; the bar is a terminal matter.
     os.environ.setdefault("AUDIO_PIPELINE_SHOW_PROGRESS", str(sys.stderr.isatty()).lower())
-    if "extensions" in parameters:
-        parameters["extensions"] = parameters["extensions"].split(",")
+    for name in ("extensions", "export_formats"):
+        if name in parameters:
+            parameters[name] = parameters[name].split(",")
     try:
         # Here, before Prefect starts: a run that cannot start says so in one line (exit 2).
         # The flow checks again (deployment runs come through it alone) and claims the results root.
@@ -236,6 +242,10 @@ def _run(preview: int, **parameters) -> int:
                    + ", ".join(f"{f}.jsonl" for f in summary.stale_folders[:5]), err=True)
     if preview:
         _print_preview(summary.results_root, preview)
+    for fmt, out in summary.exports.items():
+        click.echo(f"export {fmt}: {out}")
+    for problem in summary.export_errors:
+        click.echo(f"error: {problem}", err=True)
     if summary.failed:
         click.echo(f"{summary.failed} file(s) failed; see {summary.results_root}/*.errors.jsonl", err=True)
         for e in summary.errors[:10]:

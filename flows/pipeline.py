@@ -26,6 +26,7 @@ from prefect.states import Failed, State
 from flows.artifacts import Progress, publish_run_artifacts, report_progress, start_progress
 from flows.runner import GPU_RESOURCE, PipelineTaskRunner, uses_gpu_resources, worker_count
 from flows.watchdog import NoWorkersWatchdog, finished
+from tasks.export.task import run_exports
 from tasks.manifest import write_manifest
 from tasks.merge import merge_folders, merge_group
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
@@ -53,6 +54,8 @@ def parallel_transcribe_tokenise(
     with_quality: bool | None = None,
     drop_flagged: bool | None = None,
     max_failed_fraction: float | None = None,
+    export_formats: list[str] | None = None,
+    export_root: str | None = None,
 ) -> RunSummary | State:
     """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
 
@@ -71,14 +74,17 @@ def parallel_transcribe_tokenise(
         with_quality: Add a `quality` object to each JSONL line (default false).
         drop_flagged: Move clips with quality flags to `{folder}.errors.jsonl` (default false).
         max_failed_fraction: Failed files (0..1 of all) the run may have and still end Completed (default 0).
+        export_formats: Export the results at the end of the run: any of lhotse, hf, webdataset, nemo.
+        export_root: Local directory for those exports, one folder per format (default `{results_root}-exports`).
     """
     settings = settings_from_parameters(
         audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
         batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
         with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
+        export_formats=export_formats, export_root=export_root,
     )
     summary = run_pipeline(settings)
-    if too_many_failed(summary, settings.max_failed_fraction):
+    if too_many_failed(summary, settings.max_failed_fraction) or summary.export_errors:
         # Returned, not raised: the run ends Failed with this message and no traceback in its log;
         # a direct call raises it, and `summary_of(state)` gives the summary back.
         message = failed_message(summary, settings.max_failed_fraction)
@@ -111,9 +117,13 @@ def too_many_failed(summary: RunSummary, max_failed_fraction: float) -> bool:
 
 
 def failed_message(summary: RunSummary, max_failed_fraction: float) -> str:
-    allowed = f" (more than the {max_failed_fraction:.2%} allowed)" if max_failed_fraction else ""
-    return (f"{summary.failed} of {summary.files} files failed{allowed}; "
-            f"see {summary.results_root}/*.errors.jsonl")
+    parts = []
+    if too_many_failed(summary, max_failed_fraction):
+        allowed = f" (more than the {max_failed_fraction:.2%} allowed)" if max_failed_fraction else ""
+        parts.append(f"{summary.failed} of {summary.files} files failed{allowed}; "
+                     f"see {summary.results_root}/*.errors.jsonl")
+    parts += summary.export_errors
+    return "; ".join(parts)
 
 
 def summary_of(state: State) -> RunSummary:
@@ -183,9 +193,12 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
         settings.results_root, settings=settings, health=checked.health, summary=summary, run_id=run_id,
         tokenizer_settings=provenance.tokenizer_settings,
     )
+    if settings.export_formats:  # after the manifest: exports carry it
+        exports, export_errors = run_exports(settings)
+        summary = summary.model_copy(update={"exports": exports, "export_errors": export_errors})
     publish_run_artifacts(
         reports, settings.results_root, wall_seconds=summary.wall_seconds, audio_root=settings.audio_root,
-        stale_folders=stale,
+        stale_folders=stale, exports=list(summary.exports.items()),
     )
     logger.info(
         "%d files: %d new, %d reused, %d failed, %d flagged -> %d lines; %.3f audio hours, %.1f new files/s; "

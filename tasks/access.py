@@ -16,7 +16,7 @@ from tasks.settings import PipelineSettings
 
 
 class RootNotAllowedError(PermissionError):
-    """A run's audio or results root lies outside `AUDIO_PIPELINE_ALLOWED_ROOTS`."""
+    """A run's audio, results or export root lies outside `AUDIO_PIPELINE_ALLOWED_ROOTS`."""
 
 
 def canonical_root(root: str) -> str:
@@ -34,10 +34,14 @@ def is_within(root: str, allowed: str) -> bool:
 
 
 def check_roots_allowed(settings: PipelineSettings) -> None:
-    """Raise RootNotAllowedError unless both roots lie inside an allowed root (no list: all allowed)."""
+    """Raise RootNotAllowedError unless every root the run reads or writes lies inside an allowed
+    root (no list: all allowed)."""
     if not settings.allowed_roots:
         return
-    for label, root in (("audio root", settings.audio_root), ("results root", settings.results_root)):
+    roots = [("audio root", settings.audio_root), ("results root", settings.results_root)]
+    if settings.export_formats:
+        roots.append(("export root", settings.export_dir()))
+    for label, root in roots:
         if not any(is_within(root, allowed) for allowed in settings.allowed_roots):
             raise RootNotAllowedError(
                 f"{label} {root!r} is outside the allowed roots ({', '.join(settings.allowed_roots)}); "

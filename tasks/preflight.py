@@ -3,7 +3,8 @@
 A run that cannot succeed must say so in one line before it lists a million files, starts a
 cluster or sends a request (issue 13: an unwritable results root was found only after every file
 had gone to the service). The checks, cheapest first: settings, allowed roots, the audio root,
-the results root (a probe file written and removed), its owner, the tokeniser, the service.
+the results root (a probe file written and removed), the export root, the results root's owner,
+the tokeniser, the service.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import fsspec
 from pydantic import ValidationError
 
-from tasks.access import RootNotAllowedError, check_roots_allowed
+from tasks.access import RootNotAllowedError, check_roots_allowed, is_within
 from tasks.ownership import ForeignResultsRootError, check_owner
 from tasks.plan import tokeniser_settings
 from tasks.records import Provenance, Record
@@ -59,10 +60,25 @@ def check_roots(settings: PipelineSettings, claim: bool = False) -> None:
     if not ok:
         raise RunNotStartedError(f"audio root not found or not a directory: {settings.audio_root}")
     probe_results_root(settings.results_root)
+    check_export_dir(settings)
     try:
         check_owner(settings.results_root, settings.audio_root, claim=claim)
     except ForeignResultsRootError as e:
         raise RunNotStartedError(str(e)) from e
+
+
+def check_export_dir(settings: PipelineSettings) -> None:
+    """End-of-run exports go to a local directory outside the results root (tools that glob the
+    results for `*.jsonl` must not meet the exports' files)."""
+    if not settings.export_formats:
+        return
+    out = settings.export_dir()
+    if "://" in out:
+        raise RunNotStartedError(f"export root {out!r} must be a local directory (set export_root / --export-root)")
+    if Store(settings.results_root).is_local and is_within(out, settings.results_root):
+        raise RunNotStartedError(
+            f"export root {out!r} is inside the results root {settings.results_root!r}; choose one beside it"
+        )
 
 
 def probe_results_root(results_root: str) -> None:

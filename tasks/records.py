@@ -206,6 +206,8 @@ class RunSummary(Record):
     )
     new: int = 0  # files this run transcribed or tokenised (not reused)
     flagged: int = 0
+    exports: dict[str, str] = Field(default_factory=dict)  # format -> the directory this run exported it to
+    export_errors: list[str] = Field(default_factory=list)  # one line per export that failed or left lines out
 
 
 def folder_of(file_id: str) -> str:

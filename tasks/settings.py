@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg")
+EXPORT_FORMATS = ("lhotse", "hf", "webdataset", "nemo")  # `tasks.export`
 
 
 class PipelineSettings(BaseSettings):
@@ -52,6 +53,13 @@ class PipelineSettings(BaseSettings):
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Failed files (fraction of all) a run may have and still count as Completed."
     )
+    # NoDecode: a comma list (or JSON) like extensions.
+    export_formats: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Formats to export the results into at the end of each run: lhotse, hf, webdataset, nemo."
+    )
+    export_root: str | None = Field(
+        None, description="Local directory for end-of-run exports, one folder per format (default: RESULTS-exports)."
+    )
     # NoDecode: a comma list (or JSON) like extensions. Empty: any root may be read (CLI use).
     allowed_roots: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Roots (paths or URL prefixes) a run may read audio from and write results to; empty: any."
@@ -75,6 +83,26 @@ class PipelineSettings(BaseSettings):
         if isinstance(value, str):
             value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
         return tuple(v.strip().rstrip("/") or v.strip() for v in value if v and v.strip())
+
+    @field_validator("export_formats", mode="before")
+    @classmethod
+    def _known_formats(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        formats = tuple(dict.fromkeys(v.strip().lower() for v in value if v and v.strip()))
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if unknown:
+            raise ValueError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_FORMATS)}")
+        return formats
+
+    def export_dir(self) -> str:
+        """Where end-of-run exports go: `export_root`, else beside a local results root (never
+        inside it: tools that glob the results for `*.jsonl` would pick the exports up)."""
+        if self.export_root:
+            return self.export_root
+        if "://" in self.results_root:
+            return "exports"
+        return f"{self.results_root.rstrip('/') or '.'}-exports"
 
     @field_validator("audio_root", "results_root")
     @classmethod

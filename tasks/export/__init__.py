@@ -14,9 +14,10 @@ from typing import Literal
 
 from tasks.export.shards import ExportError, ExportReport, LineError, ShardLimit, parse_shard_size, run_export
 from tasks.manifest import read_manifest
+from tasks.settings import EXPORT_FORMATS
 
 Format = Literal["lhotse", "hf", "webdataset", "nemo"]
-FORMATS: tuple[str, ...] = ("lhotse", "hf", "webdataset", "nemo")
+FORMATS: tuple[str, ...] = EXPORT_FORMATS
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "Format", "LineError", "ShardLimit", "export", "parse_shard_size"]
 
