@@ -159,16 +159,22 @@ def prefect_server(home: Path):
 
 
 def _measure(n, tokenizer, url, tmp, audio, results, home, env) -> dict:
-    from tests.metrics import transcribe_requests
+    from tests.metrics import transcribe_requests_by_status
 
-    before = transcribe_requests(url)
+    def requests_since(before: dict[str, int]) -> dict[str, int]:
+        now = transcribe_requests_by_status(url)
+        return {status: n - before.get(status, 0) for status, n in now.items() if n - before.get(status, 0)}
+
+    before = transcribe_requests_by_status(url)
     first = run_cli(audio, results, url, tokenizer, env, tmp / f"run-{n}-{tokenizer}.log")
     first["files_per_s"] = round(n / first["wall_s"], 1)
-    first["transcription_requests"] = transcribe_requests(url) - before
+    first["transcription_requests_by_status"] = requests_since(before)
+    first["transcription_requests"] = sum(first["transcription_requests_by_status"].values())
     silent_corpus(audio, 10, start=n)  # 10 new files, then the rerun
-    before = transcribe_requests(url)
+    before = transcribe_requests_by_status(url)
     rerun = run_cli(audio, results, url, tokenizer, env, tmp / f"rerun-{n}-{tokenizer}.log")
-    rerun["transcription_requests"] = transcribe_requests(url) - before
+    rerun["transcription_requests_by_status"] = requests_since(before)
+    rerun["transcription_requests"] = sum(rerun["transcription_requests_by_status"].values())
     for i in range(n, n + 10):  # back to n files for the next tokeniser over the same corpus
         (audio / f"s{i // PER_FOLDER:04d}" / f"s{i // PER_FOLDER:04d}_{i:07d}_mic1.flac").unlink()
     db = prefect_db(home)

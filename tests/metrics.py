@@ -10,12 +10,18 @@ TRANSCRIBE_ROUTES = {"/transcribe", "/v1/audio/transcriptions"}
 
 def transcribe_requests(url: str) -> int:
     """Transcription requests the service has answered so far (any status)."""
+    return sum(transcribe_requests_by_status(url).values())
+
+
+def transcribe_requests_by_status(url: str) -> dict[str, int]:
+    """Transcription requests the service has answered so far, by HTTP status ("200", "429", ...)."""
     text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=10).text
-    total = 0.0
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name != "whisper_requests":
             continue
         for sample in family.samples:
             if sample.name.endswith("_total") and sample.labels.get("route") in TRANSCRIBE_ROUTES:
-                total += sample.value
-    return int(total)
+                status = sample.labels.get("status", "?")
+                totals[status] = totals.get(status, 0.0) + sample.value
+    return {status: int(n) for status, n in sorted(totals.items())}
