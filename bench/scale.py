@@ -100,10 +100,17 @@ def run_cli(audio: Path, results: Path, url: str, tokenizer: str, env: dict[str,
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"run exited {code}; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
-    finished = sum("Task run '" in line and "Finished in state" in line
-                   for line in log.read_text(errors="replace").splitlines())
     return {"wall_s": round(wall, 1), "flow_peak_rss_mb": round(rss.flow_bytes / 2**20),
-            "workers_peak_rss_mb": round(rss.workers_bytes / 2**20), "task_runs_in_log": finished}
+            "workers_peak_rss_mb": round(rss.workers_bytes / 2**20)}
+
+
+def latest_plan(results: Path) -> dict:
+    """The newest run plan's counts: what the run just finished was given to do."""
+    newest = sorted((results / "_runs").iterdir())[-1] / "plan.json"
+    plan = json.loads(newest.read_text())
+    return {"shards": plan["shards"], "merge_groups": len(plan["groups"]),
+            "task_runs_submitted": 2 * plan["shards"] + len(plan["groups"]),  # 2 stage tasks per shard, 1 merge per group
+            "settled_folders": plan.get("settled_folders", 0), "plan_json_bytes": newest.stat().st_size}
 
 
 def prefect_db(home: Path) -> dict:
@@ -170,23 +177,20 @@ def _measure(n, tokenizer, url, tmp, audio, results, home, env) -> dict:
     first["files_per_s"] = round(n / first["wall_s"], 1)
     first["transcription_requests_by_status"] = requests_since(before)
     first["transcription_requests"] = sum(first["transcription_requests_by_status"].values())
+    first.update(latest_plan(results))
     silent_corpus(audio, 10, start=n)  # 10 new files, then the rerun
     before = transcribe_requests_by_status(url)
     rerun = run_cli(audio, results, url, tokenizer, env, tmp / f"rerun-{n}-{tokenizer}.log")
     rerun["transcription_requests_by_status"] = requests_since(before)
     rerun["transcription_requests"] = sum(rerun["transcription_requests_by_status"].values())
+    rerun.update(latest_plan(results))
     for i in range(n, n + 10):  # back to n files for the next tokeniser over the same corpus
         (audio / f"s{i // PER_FOLDER:04d}" / f"s{i // PER_FOLDER:04d}_{i:07d}_mic1.flac").unlink()
     db = prefect_db(home)
     first["task_runs"], rerun["task_runs"] = (db["task_runs_per_flow_run"] + [None, None])[:2]
-    plans = sorted((results / "_runs").iterdir())
-    plan = json.loads((plans[-1] / "plan.json").read_text())
     return {
         "files": n, "tokenizer": tokenizer, "first": first, "rerun_10_new": rerun, "prefect_db_mb": db["db_mb"],
-        "shards": plan["shards"], "merge_groups": len(plan["groups"]),
-        "task_runs_submitted": 2 * plan["shards"] + len(plan["groups"]),  # each shard: 2 stage tasks; 1 merge per group
         "task_run_bound": 2 * math.ceil(n / 1024) + 64,
-        "plan_json_bytes": (plans[-1] / "plan.json").stat().st_size,
     }
 
 
