@@ -3,7 +3,8 @@
 Every parameter a task gets is a reference (the plan's location and an index) plus the settings,
 so Prefect and Dask carry a few KB per task whatever the corpus size (DESIGN.md section 3.0).
 The flow's own task runner is started once the settings are validated (`PipelineTaskRunner`),
-so the task runs show on the run users open.
+so the task runs show on the run users open. Folders unchanged since their last merge get no
+task at all (`tasks.settled`): a rerun costs O(folders) reads plus the work on what changed.
 
 Outcomes (README "Exit codes"): a run that cannot start raises `RunNotStartedError` before any
 work; a run whose failed files exceed `max_failed_fraction` ends Failed, with the summary as data.
@@ -174,7 +175,7 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
         logger.warning("refused %s: %s", e.id, e.error)
     progress = start_progress(plan.shards)
     runner = context.task_runner if context else None
-    if plan.shards or plan.groups:  # nothing to do: no cluster to start
+    if plan.shards or plan.groups:  # work left: start the cluster (an unchanged rerun starts none)
         share_api_url_with_workers()
         if isinstance(runner, PipelineTaskRunner):
             runner.start(settings)

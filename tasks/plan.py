@@ -9,8 +9,9 @@ every task's arguments through Dask, so nothing that grows with the corpus may t
     _runs/{run_id}/groups/00000.json    GroupPlan: a merge task's folders and their discovery errors
     _runs/{run_id}/refused.jsonl        ids refused because their folder cannot be written
 
-and tasks receive `(plan location, index)`. Older runs' plans are pruned (the last few are kept
-for inspection).
+and tasks receive `(plan location, index)`. Folders unchanged since their last merge are in no
+shard and no group (`tasks.settled`); the plan counts them. Older runs' plans are pruned (the last
+few are kept for inspection).
 """
 
 from __future__ import annotations
