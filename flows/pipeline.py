@@ -277,8 +277,6 @@ def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) 
             if group.index not in reports:
                 mine = {k: v for k, v in failed.items() if int(k.rsplit("-", 1)[1]) in group.shards}
                 reports[group.index] = merge_group(plan.location, group.index, settings, mine)
-    if not stage_futures:
-        report_progress(progress, 0)
     return [report for i in sorted(reports) for report in reports[i]]
 
 
