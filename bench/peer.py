@@ -8,7 +8,8 @@ and its speed at least the peer's. One run measures, over the same clips:
     `model.transcribe(path, beam_size=5)` file after file (its default temperature fallback),
     segment texts joined; one warm-up clip first, model load not timed. Run twice: with
     faster-whisper's default threads (`peer`, the baseline of the ratios) and with as many threads
-    as the service gives its engine, one per CPU this process may use (`peer_threads_matched`);
+    as the service gives its engine, one per CPU this process may use (`peer_threads_matched`;
+    on a 2-core machine the two start the same threads, so their gap shows the noise);
 (b) the default service (`audio-pipeline serve`, no flags: engine auto, default decode options),
     warm, fed by the transcription stage itself (`tasks.transcribe.transcribe_files`: files read,
     `http_concurrency` requests in flight, one intermediate written per file), as one shard is;
