@@ -1,8 +1,8 @@
 """What the Prefect UI shows of a run: a folder table, sample lines, plots, a run report, progress.
 
 The number of artifacts is bounded whatever the corpus size: one folder table (110 VCTK folders
-are 110 rows, not 110 cards), sample tables for at most a few changed folders, two images and one
-report. Everything is read back from the results root (the JSONL as written, the intermediates
+are 110 rows, not 110 cards), sample tables for at most a few changed folders, one table of the
+worst flagged clips across all folders (only when a clip is flagged), two images and one report. Everything is read back from the results root (the JSONL as written, the intermediates
 beside it), so the UI shows what a user downloads. Publishing never fails a run whose results are
 written: a part that cannot be published is logged with its traceback and skipped.
 """
@@ -35,11 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.plots import Panel, data_url, histogram_png
 from tasks.export.reader import flat_quality
-from tasks.merge import jsonl_name
+from tasks.merge import WORST_CLIPS, jsonl_name
 from tasks.records import FolderReport, Tokens, Transcription
 from tasks.storage import Store
 
 FOLDERS_KEY, RUN_REPORT_KEY, PROGRESS_KEY = "folders", "run-report", "progress"
+WORST_KEY = "worst-flagged-clips"
+WORST_ROWS = 50  # rows of the run-level table of flagged clips, whatever the number of folders
 DURATIONS_KEY, QUALITY_KEY = "clip-durations", "clip-quality"
 REPORT_DIR = "_report"  # beside the folders' JSONL: holds no .jsonl, so no folder is mistaken for it
 TEXT_CHARS = 160  # of a transcription in a table cell
@@ -100,6 +102,7 @@ class RunArtifacts(BaseModel):
     folders: UUID | None = None
     samples: dict[str, UUID] = Field(default_factory=dict)  # folder -> its sample table
     plots: list[Plot] = Field(default_factory=list)
+    worst: UUID | None = None  # the worst flagged clips across folders; None when nothing is flagged
     report: UUID | None = None
 
 
@@ -121,8 +124,9 @@ def publish_run_artifacts(
     errors_per_folder: int = 20,
     max_sample_tables: int = 10,
     max_plot_clips: int = 2000,
+    max_worst_rows: int = WORST_ROWS,
 ) -> RunArtifacts:
-    """Publish the folder table, sample tables, plots and run report on the current flow run.
+    """Publish the folder table, sample tables, plots, worst flagged clips and run report on the current flow run.
 
     `exports` are (format, path) pairs of exports this run wrote; `audio_root` lets a line whose
     intermediates are gone still show its duration (read from the audio file's header).
@@ -139,10 +143,18 @@ def publish_run_artifacts(
     with _guard("the plots"):
         clips = plot_clips(reports, store, audio_root=audio_root, max_clips=max_plot_clips)
         out.plots = publish_plots(clips, store, sampled_from=sum(r.lines for r in reports))
+    worst_shown = 0
+    with _guard("the worst flagged clips"):
+        rows = worst_rows(reports, store, limit=max_worst_rows)
+        if rows:
+            out.worst = publish_worst_table(reports, rows)
+            worst_shown = len(rows)
     with _guard("the run report"):
         out.report = create_markdown_artifact(
             key=RUN_REPORT_KEY,
-            markdown=run_report_markdown(reports, store, wall_seconds, audio_root, exports, stale_folders, out.plots),
+            markdown=run_report_markdown(
+                reports, store, wall_seconds, audio_root, exports, stale_folders, out.plots, worst_shown=worst_shown,
+            ),
             description=_counts_line(reports, wall_seconds),
         )
     return out
@@ -283,7 +295,69 @@ def clip_of(line: dict[str, Any], store: Store, audio_root: str | None = None) -
     )
 
 
-# -- 3. plots and the run report ---------------------------------------------------------------
+# -- 3. the worst flagged clips of the whole run -------------------------------------------------
+def worst_rows(
+    reports: Sequence[FolderReport], store: Store, *, limit: int = WORST_ROWS, max_lookups: int = 2000
+) -> list[dict[str, Any]]:
+    """The `limit` worst flagged clips across folders, in the order merge ranks them within one.
+
+    Merge keeps the few worst of each folder (`FolderReport.worst`: id, flags, text) ranked by
+    most flags, then highest compression ratio, then lowest avg_logprob, then id. Ranking them
+    across folders needs the two scores: taken from the entry when it has them, else from the
+    clip's transcription intermediate, read only for the entries that can still make the table
+    (at most `max_lookups`; past that a clip ranks as merge ranks one without quality fields).
+    """
+    entries = [(r.folder, clip) for r in sorted(reports, key=lambda r: r.folder) for clip in r.worst]
+    if not entries or limit <= 0:
+        return []
+    entries.sort(key=lambda e: -len(e[1].get("flags") or ()))
+    if len(entries) > limit:  # fewer flags than the limit-th entry: out of the table whatever the scores
+        least = len(entries[limit - 1][1].get("flags") or ())
+        entries = [e for e in entries if len(e[1].get("flags") or ()) >= least]
+    missing = [clip["id"] for _, clip in entries if not {"compression_ratio", "avg_logprob"} <= clip.keys()]
+    if len(missing) > max_lookups:
+        _logger().warning("worst flagged clips: %d clips to rank, scores read for the first %d only",
+                          len(missing), max_lookups)
+    scores = _transcript_scores(store, missing[:max_lookups])
+    rows = []
+    for folder, clip in entries:
+        known = scores.get(clip["id"], {})
+        ratio, logprob = (_number(clip.get(k, known.get(k))) for k in ("compression_ratio", "avg_logprob"))
+        flags = list(clip.get("flags") or ())
+        rows.append(((-len(flags), -(ratio or 0.0), logprob or 0.0, clip["id"]), {
+            "folder": folder, "id": clip["id"], "flags": ", ".join(flags),
+            "compression_ratio": _round(ratio, 2), "avg_logprob": _round(logprob, 3),
+            "text": _cut(str(clip.get("text", ""))),
+        }))
+    rows.sort(key=lambda row: row[0])
+    return [row for _, row in rows[:limit]]
+
+
+def publish_worst_table(reports: Sequence[FolderReport], rows: Sequence[dict[str, Any]], key: str = WORST_KEY) -> UUID:
+    flagged = sum(r.flagged for r in reports)
+    folders = sum(bool(r.flagged) for r in reports)
+    return create_table_artifact(
+        key=key, table=list(rows),
+        description=(f"the {len(rows)} worst of {flagged:,} flagged clips in {folders:,} folders "
+                     f"(merge keeps the {WORST_CLIPS} worst of each folder): most flags, then highest "
+                     f"compression ratio, then lowest avg_logprob"),
+    )
+
+
+def _transcript_scores(store: Store, ids: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """compression_ratio and avg_logprob of each clip whose transcription intermediate has them."""
+
+    def read(file_id: str) -> dict[str, float | None]:
+        t = store.read_transcription(file_id)
+        if not isinstance(t, Transcription) or t.quality is None:
+            return {}
+        return {"compression_ratio": t.quality.compression_ratio, "avg_logprob": t.quality.avg_logprob}
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object stores: one round trip per read
+        return dict(zip(ids, pool.map(read, ids)))
+
+
+# -- 4. plots and the run report ---------------------------------------------------------------
 def plot_clips(
     reports: Sequence[FolderReport], store: Store, *, audio_root: str | None = None, max_clips: int = 2000
 ) -> list[Clip]:
@@ -342,7 +416,7 @@ def publish_plots(clips: Sequence[Clip], store: Store, sampled_from: int) -> lis
 def run_report_markdown(
     reports: Sequence[FolderReport], store: Store, wall_seconds: float, audio_root: str | None,
     exports: Sequence[tuple[str, str]], stale_folders: Sequence[str], plots: Sequence[Plot] = (),
-    max_errors: int = 20,
+    max_errors: int = 20, worst_shown: int = 0,
 ) -> str:
     """Counts with new, reused and failed apart, throughput over the new work, locations, plots inline."""
     c = _counts(reports)
@@ -360,6 +434,13 @@ def run_report_markdown(
         f"- results: `{root}` (one `{{folder}}.jsonl` per folder, failures in `{{folder}}.errors.jsonl`, "
         f"intermediates under `transcriptions/` and `tokens/`)",
     ]
+    if c["flagged"]:
+        in_folders = sum(bool(r.flagged) for r in reports)
+        line = (f"- flagged: **{c['flagged']:,} clip(s)** in {in_folders:,} folder(s) "
+                f"(per folder in the `{FOLDERS_KEY}` table)")
+        if worst_shown:
+            line += f"; the {worst_shown} worst are in the table `{WORST_KEY}` (id, flags, scores, text)"
+        md.append(line)
     if audio_root:
         md.append(f"- audio: `{audio_root}`")
     for plot in plots:
@@ -380,7 +461,7 @@ def run_report_markdown(
     return "\n".join(md) + "\n"
 
 
-# -- 4. progress without a click -----------------------------------------------------------------
+# -- 5. progress without a click -----------------------------------------------------------------
 def start_progress(total: int, unit: str = "shards", key: str = PROGRESS_KEY) -> Progress:
     """The run's progress artifact, saying `0/total` (call in the run users open, before any work)."""
     context = FlowRunContext.get()

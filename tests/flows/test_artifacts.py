@@ -3,6 +3,7 @@
 The results root is written here by hand with the real records and Store: one folder written
 with --with-quality, one without (quality and durations come from the intermediates) and with an
 error, one unchanged folder whose intermediates are gone (duration from the FLAC header).
+The worst flagged clips across folders have a corpus of their own (`ranked`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def corpus(tmp_path_factory) -> tuple[Path, Path, list[FolderReport]]:
     soundfile.write(audio / "p227" / "p227_001_mic2.flac", np.zeros(12000, dtype="float32"), 16000)
     reports = [
         FolderReport(folder="p225", files=3, lines=3, new=3, flagged=1, jsonl=store.display("p225.jsonl"),
-                     audio_seconds=9.0),
+                     audio_seconds=9.0, worst=[{"id": "p225/p225_002_mic2.flac", "flags": ["repetition"],
+                                                "text": "Please call Stella 2."}]),
         FolderReport(folder="p226", files=3, lines=2, new=1, errors=[error], jsonl=store.display("p226.jsonl"),
                      errors_jsonl=store.display("p226.errors.jsonl"), audio_seconds=6.75),
         FolderReport(folder="p227", files=1, lines=1, new=0, changed=False, jsonl=store.display("p227.jsonl"),
@@ -106,6 +108,12 @@ def publish_flow(reports: list[FolderReport], results_root: str, audio_root: str
         reports, results_root, wall_seconds=2.0, audio_root=audio_root,
         exports=[("lhotse", f"{results_root}/exports/lhotse"), ("hf", "https://example.org/ds")],
     )
+    return FlowRunContext.get().flow_run.id
+
+
+@flow(name="publish-worst-test")
+def publish_worst_flow(reports: list[FolderReport], results_root: str, max_worst_rows: int) -> UUID:
+    publish_run_artifacts(reports, results_root, wall_seconds=1.0, max_worst_rows=max_worst_rows)
     return FlowRunContext.get().flow_run.id
 
 
@@ -143,7 +151,8 @@ def published(prefect_harness, corpus) -> dict:
 
 def test_a_bounded_set_of_artifacts_hangs_off_the_run(published):
     # Unchanged p227 gets no sample table; one folder table, two plots and one report whatever the size.
-    assert set(published) == {"folders", "samples-p225", "samples-p226", "clip-durations", "clip-quality", "run-report"}
+    assert set(published) == {"folders", "samples-p225", "samples-p226", "clip-durations", "clip-quality",
+                              "worst-flagged-clips", "run-report"}
 
 
 def test_one_folder_table_with_new_reused_failed_apart(published, corpus):
@@ -225,6 +234,91 @@ def test_run_report_counts_work_apart_and_names_locations(published, corpus):
     for key, title in (("clip-durations", "Clip durations"), ("clip-quality", "Quality distributions")):
         assert f"## {title}\n\n![{title}]({published[key].data})" in md
     assert report.description.startswith("7 files: 4 new, 2 reused, 1 failed, 1 flagged")
+    assert ("- flagged: **1 clip(s)** in 1 folder(s) (per folder in the `folders` table); "
+            "the 1 worst are in the table `worst-flagged-clips`") in md
+
+
+def test_worst_flagged_clip_row_without_intermediates_keeps_its_text(published):
+    # p225 was written --with-quality and has no intermediates: the scores are blank, the row stays.
+    assert json.loads(published["worst-flagged-clips"].data) == [
+        {"folder": "p225", "id": "p225/p225_002_mic2.flac", "flags": "repetition", "compression_ratio": "",
+         "avg_logprob": "", "text": "Please call Stella 2."},
+    ]
+
+
+def transcription(file_id: str, text: str, flags: list[str], compression_ratio: float, avg_logprob: float):
+    return Transcription(
+        id=file_id, text=text, language="en", duration=2.0, model="tiny.en", service_url="http://127.0.0.1:1",
+        source=SOURCE, quality=TranscriptQuality(avg_logprob=avg_logprob, compression_ratio=compression_ratio,
+                                                 words_per_second=3.0, flags=flags),
+    )
+
+
+@pytest.fixture(scope="module")
+def ranked(prefect_harness, tmp_path_factory) -> dict:
+    """Three folders' worst lists (as merge reports them: id, flags, text), published with 5 rows at most."""
+    results = tmp_path_factory.mktemp("worst")
+    store = Store(str(results))
+    clips = {  # id: (flags, compression ratio, avg logprob); the scores live in the intermediates
+        "pa/a1.flac": (["repetition", "low_confidence"], 2.6, -1.2),
+        "pa/a2.flac": (["low_confidence"], 1.2, -1.3),
+        "pb/b1.flac": (["repetition", "too_fast"], 3.1, -0.4),
+        "pb/b2.flac": (["low_confidence"], 1.2, -1.5),
+        "pb/b3.flac": (["no_speech"], 1.2, -1.5),  # ties b2 on both scores: the id decides
+        "pb/b4.flac": (["low_confidence"], 1.1, -1.1),  # the sixth: not shown
+    }
+    for file_id, (flags, ratio, logprob) in clips.items():
+        store.write_record("transcriptions", transcription(file_id, f"Text of {file_id} | long " + "la " * 80,
+                                                           flags, ratio, logprob))
+    store.write_lines("pa.jsonl", [])
+    store.write_lines("pb.jsonl", [])
+    store.write_lines("pc.jsonl", [])
+    store.write_lines("pd.jsonl", [])
+
+    def worst(*ids: str) -> list[dict]:
+        return [{"id": i, "flags": clips[i][0], "text": f"Text of {i} | long " + "la " * 80} for i in ids]
+
+    reports = [
+        # pc is listed first and its entry carries its scores: no intermediate is read for it.
+        FolderReport(folder="pc", files=9, lines=9, flagged=1, jsonl=store.display("pc.jsonl"), worst=[
+            {"id": "pc/c1.flac", "flags": ["low_confidence"], "text": "Short.", "compression_ratio": 2.0,
+             "avg_logprob": -1.05}]),
+        FolderReport(folder="pa", files=9, lines=9, flagged=2, jsonl=store.display("pa.jsonl"),
+                     worst=worst("pa/a1.flac", "pa/a2.flac")),
+        FolderReport(folder="pb", files=9, lines=9, flagged=7, jsonl=store.display("pb.jsonl"),
+                     worst=worst("pb/b1.flac", "pb/b2.flac", "pb/b3.flac", "pb/b4.flac")),
+        FolderReport(folder="pd", files=9, lines=9, jsonl=store.display("pd.jsonl")),  # nothing flagged
+    ]
+    return artifacts_of(publish_worst_flow(reports, str(results), 5))
+
+
+def test_worst_flagged_clips_are_ranked_across_folders_as_merge_ranks_them(ranked):
+    table = ranked["worst-flagged-clips"]
+    rows = json.loads(table.data)
+    # Most flags, then highest compression ratio, then lowest avg_logprob, then id; five rows.
+    assert [(r["folder"], r["id"], r["flags"], r["compression_ratio"], r["avg_logprob"]) for r in rows] == [
+        ("pb", "pb/b1.flac", "repetition, too_fast", 3.1, -0.4),
+        ("pa", "pa/a1.flac", "repetition, low_confidence", 2.6, -1.2),
+        ("pc", "pc/c1.flac", "low_confidence", 2.0, -1.05),
+        ("pb", "pb/b2.flac", "low_confidence", 1.2, -1.5),
+        ("pb", "pb/b3.flac", "no_speech", 1.2, -1.5),
+    ]
+    assert list(rows[0]) == ["folder", "id", "flags", "compression_ratio", "avg_logprob", "text"]
+    text = rows[0]["text"]  # cut to one table cell, whitespace folded
+    assert len(text) == 160 and text.startswith("Text of pb/b1.flac | long la la") and text.endswith("…")
+    assert rows[2]["text"] == "Short."
+    assert table.description.startswith("the 5 worst of 10 flagged clips in 3 folders")
+    md = ranked["run-report"].data
+    assert "- flagged: **10 clip(s)** in 3 folder(s)" in md and "the 5 worst are in the table `worst-flagged-clips`" in md
+
+
+def test_no_worst_table_when_nothing_is_flagged(prefect_harness, tmp_path):
+    store = Store(str(tmp_path))
+    store.write_lines("p1.jsonl", [OutputLine(id="p1/a.flac", transcription="Hi.", token_array=[1])])
+    reports = [FolderReport(folder="p1", files=1, lines=1, new=1, jsonl=store.display("p1.jsonl"))]
+    published = artifacts_of(publish_worst_flow(reports, str(tmp_path), 50))
+    assert {"folders", "run-report"} <= set(published) and "worst-flagged-clips" not in published
+    assert "flagged:" not in published["run-report"].data
 
 
 def test_a_folder_that_cannot_be_read_is_named_and_the_rest_published(prefect_harness, tmp_path):
