@@ -231,11 +231,15 @@ def _run(preview: int, **parameters) -> int:
         click.echo(f"error: {e}", err=True)
         return 2
     click.echo("")
-    click.echo(f"{'folders':>8} {'files':>7} {'lines':>7} {'failed':>7} {'audio h':>8} {'files/s':>8}")
+    click.echo(f"{'folders':>8} {'files':>7} {'new':>7} {'lines':>7} {'failed':>7} {'flagged':>7} {'audio h':>8}"
+               f" {'files/s':>8}")
     click.echo(
-        f"{summary.folders:>8} {summary.files:>7} {summary.lines:>7} {summary.failed:>7}"
-        f" {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
+        f"{summary.folders:>8} {summary.files:>7} {summary.new:>7} {summary.lines:>7} {summary.failed:>7}"
+        f" {summary.flagged:>7} {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
     )
+    if summary.flagged:
+        click.echo(f"{summary.flagged} clip(s) carry quality flags: {summary.results_root}/*.jsonl with --with-quality"
+                   " shows them; the run's `worst-flagged-clips` artifact lists the worst")
     click.echo(f"results: {summary.results_root}/{{folder}}.jsonl")
     if summary.stale_folders:
         click.echo(f"note: {len(summary.stale_folders)} folder(s) in the results have no audio any more, kept: "

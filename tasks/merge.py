@@ -241,7 +241,9 @@ class _Joined:
         """The few flagged clips most worth a look: most flags, then highest compression ratio."""
         q = t.quality
         badness = (-len(flags), -((q and q.compression_ratio) or 0.0), (q and q.avg_logprob) or 0.0, t.id)
-        item = (_Reverse(badness), {"id": t.id, "flags": flags, "text": t.text[:200]})
+        clip = {"id": t.id, "flags": flags, "text": t.text[:200],
+                "compression_ratio": q and q.compression_ratio, "avg_logprob": q and q.avg_logprob}
+        item = (_Reverse(badness), clip)
         if len(self._worst) < WORST_CLIPS:
             heapq.heappush(self._worst, item)
         elif item[0] > self._worst[0][0]:

@@ -162,7 +162,8 @@ def test_quality_fields_are_kept_and_lines_keep_the_contract_by_default(tmp_path
         assert k.audio.sample_rate == 16_000 and k.audio.channels == 1 and -20 < k.audio.rms_dbfs < 0
         report = run.folders["p1"]
         assert report.flagged == 1 and report.new == 3
-        assert report.worst == [{"id": "p1/p1_002.flac", "flags": ["repetition", "low_confidence"], "text": t.text}]
+        assert report.worst == [{"id": "p1/p1_002.flac", "flags": ["repetition", "low_confidence"], "text": t.text,
+                                 "compression_ratio": 3.1, "avg_logprob": -1.4}]  # the UI ranks without reads
         lines = read_jsonl(store, "p1.jsonl")
         assert len(lines) == 3 and all(set(line) == {"id", "transcription", "token_array"} for line in lines)
 
