@@ -3,7 +3,8 @@
 The number of artifacts is bounded whatever the corpus size: one folder table (110 VCTK folders
 are 110 rows, not 110 cards), sample tables for at most a few changed folders, one table of the
 worst flagged clips across all folders (only when a clip is flagged), two images and one report.
-Everything is read back from the results root (the JSONL as written, the intermediates beside it), so the UI shows what a user downloads. Publishing never fails a run whose results are
+Everything is read back from the results root (the JSONL as written, the intermediates beside
+it), so the UI shows what a user downloads. Publishing never fails a run whose results are
 written: a part that cannot be published is logged with its traceback and skipped.
 """
 
