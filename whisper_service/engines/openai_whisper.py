@@ -22,11 +22,13 @@ import pickle
 import threading
 import warnings
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import whisper
 from torch import Tensor
+from whisper.audio import N_FRAMES, N_SAMPLES
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask
 from whisper.model import ModelDimensions, Whisper
 
@@ -45,7 +47,9 @@ from whisper_service.engines.base import (
     transcribe_by_length,
 )
 
-__all__ = ["OpenAIWhisperEngine", "is_no_speech", "resolve_device"]
+__all__ = ["OpenAIWhisperEngine", "is_no_speech", "log_mel_window", "resolve_device"]
+
+MelPadding = Literal["audio", "mel"]
 
 
 def resolve_device(device: str) -> str:
@@ -121,6 +125,10 @@ class OpenAIWhisperEngine:
     """
 
     name = "openai-whisper"
+    # How a short clip becomes the encoder's 30 s input (see `log_mel_window`) and whether the
+    # decoder predicts timestamp tokens; bench/ow_batched_vs_sequential.py varies both.
+    mel_padding: ClassVar[MelPadding] = "audio"
+    timestamps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -206,12 +214,7 @@ class OpenAIWhisperEngine:
         """One encoder pass, then batched decodes with Whisper's temperature fallback."""
         model = self.model
         mels = torch.stack(
-            [
-                whisper.log_mel_spectrogram(
-                    whisper.pad_or_trim(torch.from_numpy(c)), n_mels=model.dims.n_mels
-                )
-                for c in clips
-            ]
+            [log_mel_window(c, model.dims.n_mels, self.mel_padding) for c in clips]
         ).to(model.device)
         features = model.embed_audio(mels.half() if self.fp16 else mels)
         if language is None:  # multilingual model, no hint: detect once per clip
@@ -228,7 +231,7 @@ class OpenAIWhisperEngine:
             out: dict[int, Attempt] = {}
             for lang in dict.fromkeys(languages[i] for i in indices):  # one call per language
                 group = [i for i in indices if languages[i] == lang]
-                decoding = _decoding_options(options, lang, temperature, self.fp16)
+                decoding = _decoding_options(options, lang, temperature, self.fp16, self.timestamps)
                 results: list[DecodingResult] = _GroupedDecodingTask(model, decoding).run(
                     features[group]
                 )
@@ -283,6 +286,22 @@ class OpenAIWhisperEngine:
             torch.cuda.empty_cache()
 
 
+def log_mel_window(clip: np.ndarray, n_mels: int, padding: MelPadding) -> Tensor:
+    """The (n_mels, 3000) log-mel input of one clip of up to 30 s.
+
+    "audio": pad the samples with zeros to 30 s, then take the log-mel: the padding becomes
+    frames of digital silence, at the clip's max - 8 (log10) floor, about -1 once normalised.
+    "mel": what `whisper.transcribe()` (and faster-whisper) feed the encoder: the log-mel of
+    the clip followed by 30 s of zeros, cut to the clip's own frames and padded with zeros
+    *in the log-mel domain* (0 = a level of -4 log10, far above that floor).
+    """
+    audio = torch.from_numpy(clip)
+    if padding == "audio":
+        return whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), n_mels=n_mels)
+    mel = whisper.log_mel_spectrogram(audio, n_mels=n_mels, padding=N_SAMPLES)
+    return whisper.pad_or_trim(mel[:, : mel.shape[-1] - N_FRAMES], N_FRAMES)
+
+
 class _GroupedDecodingTask(DecodingTask):
     """`DecodingTask` with batched beam search and best-of sampling that work.
 
@@ -301,7 +320,7 @@ class _GroupedDecodingTask(DecodingTask):
 
 
 def _decoding_options(
-    options: DecodeOptions, language: str | None, temperature: float, fp16: bool
+    options: DecodeOptions, language: str | None, temperature: float, fp16: bool, timestamps: bool
 ) -> DecodingOptions:
     """Whisper's per-temperature choice: beam search at 0, best-of sampling above."""
     sampling = temperature > 0
@@ -311,7 +330,7 @@ def _decoding_options(
         beam_size=None if sampling or options.beam_size == 1 else options.beam_size,
         best_of=options.best_of if sampling else None,
         prompt=options.initial_prompt,
-        without_timestamps=True,
+        without_timestamps=not timestamps,
         fp16=fp16,
     )
 
