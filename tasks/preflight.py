@@ -4,14 +4,13 @@ A run that cannot succeed must say so in one line before it lists a million file
 cluster or sends a request (issue 13: an unwritable results root was found only after every file
 had gone to the service). The checks, cheapest first: settings, allowed roots, the audio root,
 the results root (a probe file written and removed), the export root, the results root's owner,
-the tokeniser, the Dask scheduler when one is named, the service.
+the tokeniser, the service.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import uuid
 from typing import Any
 
@@ -123,25 +122,6 @@ def check_tokeniser(settings: PipelineSettings) -> dict[str, Any]:
         raise RunNotStartedError(f"bad tokeniser settings ({settings.tokenizer!r}): {e}") from e
 
 
-def check_dask_address(settings: PipelineSettings, timeout_s: float = 5.0) -> None:
-    """An existing scheduler (`dask_address`) accepts connections: without one the task runner
-    fails only after the plan is written, as a crash; this says so in one line, before."""
-    if not settings.dask_address:
-        return
-    scheme, _, rest = settings.dask_address.rpartition("://")
-    if scheme not in ("", "tcp", "tls"):
-        return  # inproc, ucx, ...: nothing a plain socket can check
-    host, _, port = rest.rstrip("/").rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as e:
-        raise RunNotStartedError(
-            f"no Dask scheduler answers at {settings.dask_address} ({getattr(e, 'strerror', None) or e}); "
-            "start `dask scheduler` there, or drop --dask-address to run a local cluster"
-        ) from e
-
-
 def check_service_ready(settings: PipelineSettings) -> dict[str, Any]:
     from tasks.transcribe import ServiceUnavailableError, check_service
 
@@ -159,7 +139,6 @@ def preflight(settings: PipelineSettings, claim: bool = False) -> Checked:
     """
     check_roots(settings, claim=False)
     tokenizer_settings = check_tokeniser(settings)
-    check_dask_address(settings)
     health = check_service_ready(settings)
     if claim:  # only once every check passed: a run that cannot start claims nothing
         try:
