@@ -40,7 +40,8 @@ def flow_run_of(audio_root: str):
 
 
 @pytest.mark.parametrize("case", ["missing-audio-root", "results-under-a-file", "bad-tokeniser", "bad-option",
-                                  "not-allowed", "foreign-results", "bad-batch-size"])
+                                  "not-allowed", "foreign-results", "bad-batch-size", "export-inside-results",
+                                  "bad-export-format"])
 def test_a_run_that_cannot_start_exits_2_with_one_line(case, tmp_path):
     audio, results = tmp_path / "audio", tmp_path / "results"
     one_good_one_corrupt(audio)
@@ -55,6 +56,8 @@ def test_a_run_that_cannot_start_exits_2_with_one_line(case, tmp_path):
         "not-allowed": "outside the allowed roots",
         "foreign-results": "holds the results of audio root",
         "bad-batch-size": "bad settings: batch_size",
+        "export-inside-results": "is inside the results root",
+        "bad-export-format": "unknown export format(s) tfrecord",
     }[case]
     if case == "missing-audio-root":
         args[1] = str(tmp_path / "nope")
@@ -72,6 +75,10 @@ def test_a_run_that_cannot_start_exits_2_with_one_line(case, tmp_path):
         (results / "_owner.json").write_text(json.dumps({"audio_root": "/some/other/corpus"}))
     elif case == "bad-batch-size":
         args += ["--batch-size", "0"]
+    elif case == "export-inside-results":
+        args += ["--export", "nemo", "--export-root", str(results / "exports")]
+    elif case == "bad-export-format":
+        args += ["--export", "nemo,tfrecord"]
     code, output = run_cli(args, env, tmp_path / "cli.log", timeout_s=180)
     assert code == 2, output
     errors = [line for line in output.splitlines() if line.strip()]
