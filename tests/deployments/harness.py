@@ -49,7 +49,7 @@ def tail(path: Path, lines: int = 40) -> str:
 def clean_env(**extra: str) -> dict[str, str]:
     """os.environ minus PREFECT_* (other test modules point those at their harness), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONFAULTHANDLER="1", **extra)
     return env
 
 
@@ -65,6 +65,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # A hang: SIGABRT first, so a Python child (PYTHONFAULTHANDLER=1, see clean_env) writes
+        # every thread's stack to its log, which says where it hung; then kill it.
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)
         proc.kill()
         proc.wait()
         raise
