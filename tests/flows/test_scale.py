@@ -38,6 +38,16 @@ def silent_corpus(root, folders: int, per_folder: int) -> None:
             os.link(clip, speaker / f"s{k:03d}_{i:04d}_mic1.flac")
 
 
+def timed_run(audio, results, url):
+    """The flow over `audio` (simulated tokeniser, one worker): its final state and wall seconds."""
+    started = time.monotonic()
+    state = parallel_transcribe_tokenise(
+        audio_root=str(audio), results_root=str(results), service_url=url,
+        tokenizer="simulated", n_workers=1, return_state=True,
+    )
+    return state, time.monotonic() - started
+
+
 def runs_of(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -53,12 +63,7 @@ def test_five_thousand_files_with_small_parameters(tmp_path, whisper_service_url
     audio, results = tmp_path / "audio", tmp_path / "results"
     silent_corpus(audio, FOLDERS, PER_FOLDER)
     before = transcribe_requests(whisper_service_url)
-    started = time.monotonic()
-    state = parallel_transcribe_tokenise(
-        audio_root=str(audio), results_root=str(results), service_url=whisper_service_url,
-        tokenizer="simulated", n_workers=1, return_state=True,
-    )
-    wall = time.monotonic() - started
+    state, wall = timed_run(audio, results, whisper_service_url)
     summary = summary_of(state)
     assert state.is_completed(), state.message
     assert (summary.files, summary.lines, summary.failed) == (FILES, FILES, 0), summary.errors[:3]
@@ -88,12 +93,7 @@ def test_five_thousand_files_with_small_parameters(tmp_path, whisper_service_url
     for i in range(PER_FOLDER, PER_FOLDER + 10):
         os.link(clip, audio / "s007" / f"s007_{i:04d}_mic1.flac")
     before = transcribe_requests(whisper_service_url)
-    started = time.monotonic()
-    state = parallel_transcribe_tokenise(
-        audio_root=str(audio), results_root=str(results), service_url=whisper_service_url,
-        tokenizer="simulated", n_workers=1, return_state=True,
-    )
-    rerun_wall = time.monotonic() - started
+    state, rerun_wall = timed_run(audio, results, whisper_service_url)
     summary = summary_of(state)
     assert (summary.files, summary.lines, summary.new, summary.failed) == (FILES + 10, FILES + 10, 10, 0)
     assert transcribe_requests(whisper_service_url) - before == 10
