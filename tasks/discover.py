@@ -203,11 +203,11 @@ def scan_audio(
 
 
 def list_audio(
-    audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None
+    audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None, verify_content: bool = False
 ) -> tuple[list[AudioFile], list[FileError]]:
     """`scan_audio` as AudioFile records (small corpora, tests); errors include refused ids."""
     fs, _ = fsspec.url_to_fs(audio_root, **(storage_options or {}))
-    listing = scan_audio(audio_root, extensions, storage_options)
+    listing = scan_audio(audio_root, extensions, storage_options, verify_content)
     files = [to_audio_file(listing, fs, f) for f in listing.files]
     return files, sorted(listing.errors + listing.refused, key=lambda e: e.id)
 
@@ -250,8 +250,10 @@ class AudioRoot:
         return to_audio_file(Listing(root=root, files=[], errors=[], refused=[]), fs, listed)
 
     def why_unlisted(self, file_id: str) -> str:
+        if not posixpath.basename(file_id).lower().endswith(self.extensions):
+            return f"not listed by this run: excluded by --extensions ({','.join(self.extensions)})"
         if not is_candidate(file_id, self.extensions):
-            return f"not listed by this run: excluded by --extensions ({','.join(self.extensions)}) or a hidden/temp name"
+            return "not listed by this run: a hidden or temporary file name"
         return "not listed by this run although it is on the audio root (a listing that missed it)"
 
 
