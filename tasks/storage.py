@@ -117,6 +117,16 @@ def output_of(relative: str) -> Output | None:
     return None
 
 
+def is_internal(relative: str) -> bool:
+    """A file the product keeps for itself under the results root: in an internal folder, an
+    internal file, hidden, or a temp file of a write in progress (`.tmp-*.part`, `{target}.tmp-*`)."""
+    segments = relative.split("/")
+    return (
+        (len(segments) > 1 and segments[0] in INTERNAL_DIRS) or relative in INTERNAL_FILES
+        or any(s.startswith(".") for s in segments) or ".tmp-" in segments[-1]
+    )
+
+
 def reserved_problem(folder: str) -> str | None:
     """Why `folder`'s outputs would land among the results root's internal files, or None."""
     top, _, rest = folder.partition("/")
