@@ -121,7 +121,10 @@ def test_two_first_runs_race_for_one_results_root_and_exactly_one_claims_it(tmp_
         return found
 
     monkeypatch.setattr(ownership, "owner_of", owner_after_both_read)
+    # Created up front: the write probe of two runs on a results root that does not exist yet
+    # races of its own (each removes the folders it created; see the report of issue 20).
     results = tmp_path / "results"
+    results.mkdir()
     outcomes: dict[str, object] = {}
     with ContractService() as service:
         def first_run(name: str) -> None:
