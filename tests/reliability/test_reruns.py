@@ -63,6 +63,7 @@ def test_no_internal_file_is_ever_read_as_a_result_and_refused_files_outlive_the
         assert code == 1, output
         assert "have results but no audio" not in output and "left out" not in output, output
         assert f"and {results}/{REFUSED_ERRORS} (refused at discovery)" in output, output
+        assert " removed " in output  # the summary table's column (0 here: nothing vanished)
         stored = [json.loads(x) for x in (results / REFUSED_ERRORS).read_text().splitlines()]
         assert {e["id"] for e in stored} == refused and {e["stage"] for e in stored} == {"discover"}
 
@@ -148,3 +149,22 @@ def test_two_first_runs_race_for_one_results_root_and_exactly_one_claims_it(tmp_
     assert isinstance(loser, RunNotStartedError) and "holds the results of audio root" in str(loser)
     assert owner_of(Store(str(results))) == canonical_root(str(tmp_path / claimed[0]))
     assert json.loads((results / OWNER_FILE).read_text())["audio_root"].endswith(claimed[0])
+
+
+def test_removed_lines_reach_the_summary_and_the_run_report(tmp_path):
+    from flows.artifacts import run_report_markdown
+    from flows.pipeline import summarise
+    from tasks.records import FolderReport, RemovedLine
+
+    gone = RemovedLine(id="p1/w1.wav", reason="not discovered by this run: the file is gone from the audio root")
+    reports = [
+        FolderReport(folder="p1", files=1, lines=2, jsonl="p1.jsonl", removed=1, removed_ids=[gone], kept=1),
+        FolderReport(folder="p2", files=2, lines=2, jsonl="p2.jsonl"),
+    ]
+    settings = PipelineSettings(audio_root=str(tmp_path), results_root=str(tmp_path / "results"))
+    summary = summarise(reports, settings, 1.0)
+    assert (summary.removed, summary.removed_ids, summary.kept) == (1, [gone], 1)
+    md = run_report_markdown(reports, Store(str(tmp_path / "results")), 1.0, None, [], [])
+    assert "## Removed: 1 line(s) of earlier runs (first 1)" in md
+    assert f"| p1/w1.wav | {gone.reason} |" in md
+    assert "- kept: 1 line(s) of files this run did not list" in md
