@@ -39,7 +39,7 @@ from typing import NamedTuple
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.records import ROOT_FOLDER, AudioFile, Batch, FileError, Shard, SourceInfo, folder_of
+from tasks.records import ROOT_FOLDER, AudioFile, Batch, FileError, Shard, SourceInfo, folder_of, source_id
 from tasks.storage import reserved_problem
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
@@ -228,10 +228,17 @@ class AudioRoot:
     extensions: tuple[str, ...]
     verify_content: bool = False
 
-    def source_of(self, file_id: str) -> AudioFile | None:
-        """The file as discovery would list it now, or None when it is not a regular file there."""
+    @functools.cached_property
+    def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, root = fsspec.url_to_fs(self.url)
-        path = f"{root.rstrip('/')}/{file_id}"
+        return fs, root.rstrip("/") or "/"
+
+    def source_of(self, line_id: str) -> AudioFile | None:
+        """The file as discovery would list it now (under `line_id`: a segment's line is looked up
+        by its source file), or None when it is not a regular file there."""
+        file_id = source_id(line_id)
+        fs, root = self._fs
+        path = f"{root}/{file_id}"
         try:
             if isinstance(fs, LocalFileSystem):
                 st = os.stat(path)
@@ -246,10 +253,12 @@ class AudioRoot:
             digest = content_sha256(fs, path) if self.verify_content else None
         except (FileNotFoundError, NotADirectoryError):
             return None
-        listed = Listed(file_id, size, version, digest)
-        return to_audio_file(Listing(root=root, files=[], errors=[], refused=[]), fs, listed)
+        listing = Listing(root=root, files=[], errors=[], refused=[])
+        found = to_audio_file(listing, fs, Listed(file_id, size, version, digest))
+        return found if line_id == file_id else found.model_copy(update={"id": line_id})
 
-    def why_unlisted(self, file_id: str) -> str:
+    def why_unlisted(self, line_id: str) -> str:
+        file_id = source_id(line_id)
         if not posixpath.basename(file_id).lower().endswith(self.extensions):
             return f"not listed by this run: excluded by --extensions ({','.join(self.extensions)})"
         if not is_candidate(file_id, self.extensions):

@@ -59,6 +59,7 @@ from tasks.records import (
     Tokens,
     Transcription,
     folder_of,
+    source_id,
 )
 from tasks.settled import merge_stamp
 from tasks.storage import (
@@ -112,8 +113,9 @@ def merge_folder(
                 folder=folder, files=n_files, lines=0, errors=errors, changed=changed,
                 jsonl=store.display(jsonl_name(folder)), errors_jsonl=store.display(errors_name(folder)),
             )
-        before = _stored_ids(store, folder, {f.id for f in files} | {e.id for e in known_errors})
-        carried, removed = _recheck(before.unlisted, audio)
+        listed = {f.id for f in files} | {e.id for e in known_errors}
+        before = _stored_ids(store, folder, listed)
+        carried, removed = _recheck(before.unlisted, {source_id(i) for i in listed}, audio)
         joined = _join(folder, files, store, expect, stage_errors or {}, output, carried, before.jsonl_digest)
         removed = sorted([*removed, *joined.removed], key=lambda r: r.id)
         errors = _one_per_file([*known_errors, *joined.errors])
@@ -180,13 +182,18 @@ def _id_of(raw: bytes) -> str | None:
 
 
 def _recheck(
-    vanished: list[str], audio: AudioRoot | None
+    vanished: list[str], listed_sources: set[str], audio: AudioRoot | None
 ) -> tuple[dict[str, tuple[AudioFile, str]], list[RemovedLine]]:
     """Split ids the last merge wrote and this run did not list: files still on the audio root
-    (to carry, with why they were not listed) and files gone (removed, with why)."""
+    (to carry, with why they were not listed) and files gone (removed, with why). Ids are line
+    ids: a segment's line is looked up by its source file."""
     carried: dict[str, tuple[AudioFile, str]] = {}
     removed: list[RemovedLine] = []
     for file_id in vanished:
+        if source_id(file_id) in listed_sources:  # the file was listed, and gave other lines this run
+            removed.append(RemovedLine(id=file_id, reason="its file was listed by this run and no longer has this "
+                                                          "line (segmented differently, or no longer segmented)"))
+            continue
         if audio is None:
             removed.append(RemovedLine(id=file_id, reason="not discovered by this run"))
             continue

@@ -233,3 +233,10 @@ def folder_of(file_id: str) -> str:
 
 
 ROOT_FOLDER = "_root"
+
+
+def source_id(line_id: str) -> str:
+    """The audio file a JSONL line's id belongs to: the id itself, or for a long recording's
+    segment (`book/ch01.flac#t=12.340,27.100`, issue 22) the part before its media fragment."""
+    head, sep, fragment = line_id.rpartition("#t=")
+    return head if sep and head and "," in fragment else line_id

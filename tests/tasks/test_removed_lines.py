@@ -136,3 +136,23 @@ def test_verify_content_sees_a_rewrite_that_kept_size_and_mtime(tmp_path):
         lines = {r["id"]: r for r in read_jsonl(store, "p1.jsonl")}
     assert lines["p1/a.wav"]["transcription"] != first["p1/a.wav"]["transcription"]
     assert lines["p1/b.wav"] == first["p1/b.wav"]
+
+
+def test_removal_is_decided_per_source_file_so_segment_lines_are_ready(tmp_path):
+    """Lines are compared by id, each id looked up by its source file: a long recording's segment
+    lines (`x.flac#t=start,end`, issue 22) whose file was listed again with other cuts are removed
+    as superseded, and one whose file is gone is removed as gone."""
+    from tasks.merge import _recheck
+    from tasks.records import source_id
+
+    assert source_id("b/ch01.flac#t=12.340,27.100") == "b/ch01.flac" and source_id("b/x#t=1.flac") == "b/x#t=1.flac"
+    write_clip(tmp_path / "b" / "still.flac", 1)
+    root = AudioRoot(str(tmp_path), (".flac",))
+    carried, removed = _recheck(
+        ["b/ch01.flac#t=0.000,5.000", "b/gone.flac#t=0.000,5.000", "b/still.flac#t=1.000,2.000"],
+        {"b/ch01.flac"}, root,
+    )
+    assert [r.id for r in removed] == ["b/ch01.flac#t=0.000,5.000", "b/gone.flac#t=0.000,5.000"]
+    assert "no longer has this line" in removed[0].reason and "gone" in removed[1].reason
+    assert list(carried) == ["b/still.flac#t=1.000,2.000"]
+    assert carried["b/still.flac#t=1.000,2.000"][0].path == str(tmp_path / "b" / "still.flac")
