@@ -98,6 +98,16 @@ def test_folders_with_results_are_the_jsonl_files_only(store):
 
 
 def test_one_rule_says_what_is_a_folders_output_and_discovery_refuses_folders_that_would_break_it():
+    from flows.artifacts import REPORT_DIR
+    from tasks.folder_index import INDEX_DIR
+    from tasks.manifest import MANIFEST_NAME
+    from tasks.ownership import OWNER_FILE
+    from tasks.plan import RUNS_DIR
+    from tasks.storage import INTERNAL_DIRS, INTERNAL_FILES, REFUSED_ERRORS
+
+    # Every folder and file the product names for itself is registered with the rule.
+    assert {REPORT_DIR, INDEX_DIR, RUNS_DIR, "transcriptions", "tokens", "segments"} <= INTERNAL_DIRS
+    assert {OWNER_FILE, REFUSED_ERRORS, MANIFEST_NAME} <= INTERNAL_FILES
     assert output_of("_runs.jsonl") == Output("_runs", "lines")  # a speaker folder named _runs: fine
     assert output_of("tokens.jsonl") == Output("tokens", "lines")
     for internal in ("_runs/r/refused.jsonl", "tokens/p1.jsonl", "segments/p1.jsonl", "_refused.errors.jsonl",
