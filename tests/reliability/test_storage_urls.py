@@ -132,7 +132,7 @@ def test_s3_audio_and_results_through_the_cli(s3_endpoint, whisper_service_url, 
     assert not [p for p in fs.find("out/run") if ".tmp-" in p]  # object stores: whole PUTs, no temp names
 
     # A rerun would send nothing again: listing S3 now gives every file the same source identity
-    # (size, LastModified) that its intermediates recorded, so all of them are reusable (given a
+    # (size, ETag) that its intermediates recorded, so all of them are reusable (given a
     # service that names its decode fingerprint; without one nothing is).
     for key, value in {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}.items():
         monkeypatch.setenv(key, value)
