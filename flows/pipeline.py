@@ -358,6 +358,7 @@ def summarise(
         wall_seconds=wall_seconds, files_per_second=files / wall_seconds if wall_seconds > 0 else 0.0,
         results_root=settings.results_root, errors=errors, stale_folders=list(stale_folders),
         new=sum(r.new for r in reports), flagged=sum(r.flagged for r in reports),
-        removed=sum(r.removed for r in reports), removed_ids=[x for r in reports for x in r.removed_ids][:REMOVED_SHOWN],
+        removed=sum(r.removed for r in reports),
+        removed_ids=[x for r in reports for x in r.removed_ids][:REMOVED_SHOWN],
         kept=sum(r.kept for r in reports),
     )

@@ -6,7 +6,9 @@ errors lines) that this run did not list are looked up on the audio root (`Audio
 one request each): a file that is gone loses its line, and the report counts it (`removed`, with
 why); a file still there (excluded by `--extensions`, or missed by a listing) keeps its line when
 its records still match this run (`kept`), and is otherwise removed and reported as stale for this
-run. Such a folder is never settled, so those lines are checked again at every run. Merge trusts nothing it did not check: a record joins a line only if its provenance
+run. Such a folder is never settled, so those lines are checked again at every run.
+
+Merge trusts nothing it did not check: a record joins a line only if its provenance
 matches this run's (`tasks.provenance`); otherwise the file misses that stage and is reported
 failed, with the failed task's reason when there is one. `{folder}.errors.jsonl` holds one line
 per failed file. The JSONL, the errors file and the folder index (`tasks.folder_index`) are
@@ -320,7 +322,8 @@ class _Joined:
             return
         if why_unlisted is not None:  # a stale line kept would break "no stale lines": removed, said so
             problem = problems["transcriptions"] or problems["tokens"]
-            self.removed.append(RemovedLine(id=f.id, reason=f"{why_unlisted}; its line no longer matches this run ({problem})"))
+            reason = f"{why_unlisted}; its line no longer matches this run ({problem})"
+            self.removed.append(RemovedLine(id=f.id, reason=reason))
             return
         failed = [
             (stage, _stage_failure(kind, stage, record, f, problems[kind], self.stage_errors))

@@ -97,7 +97,8 @@ def test_no_internal_file_is_ever_read_as_a_result_and_refused_files_outlive_the
 
         # Every bad name fixed: the rerun ends 0, with no stale folder and no export error, and the
         # refused list is gone with the last refused file.
-        for path in (audio / "p9.errors" / "c.flac", audio / "_runs" / "x" / "e.flac", audio / "p1" / "bad\x01name.flac"):
+        for path in (audio / "p9.errors" / "c.flac", audio / "_runs" / "x" / "e.flac",
+                     audio / "p1" / "bad\x01name.flac"):
             path.unlink()
         os.unlink(os.fsencode(audio) + b"/q\xff/d.flac")
         code, output = run_cli(args, env, tmp_path / "second.log")
