@@ -407,6 +407,10 @@ class Store:
                 self.fs.pipe_file(target, data, mode="create")
             except FileExistsError:
                 return False
+            except TypeError:  # a filesystem whose pipe_file predates fsspec's `mode`
+                if self.fs.exists(target):
+                    return False
+                self.fs.pipe_file(target, data)
             return True
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
