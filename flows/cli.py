@@ -122,8 +122,11 @@ def demo(results_root: str, port: int) -> None:
     """Start the Whisper service, run the flow on the bundled demo corpus, show results, stop."""
     from flows.demo import local_service
 
+    from flows.prefect_api import prefect_api
+
     click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
-    with local_service(port=port) as url:
+    # The temporary Prefect server (when no API is configured) starts beside the service.
+    with prefect_api(), local_service(port=port) as url:
         code = _run_and_report(
             audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
         )
@@ -215,16 +218,31 @@ def _run(preview: int, **parameters) -> int:
     for name in ("extensions", "export_formats"):
         if name in parameters:
             parameters[name] = parameters[name].split(",")
-    try:
-        # Here, before Prefect starts: a run that cannot start says so in one line (exit 2).
-        # The flow checks again (deployment runs come through it alone) and claims the results root.
-        preflight(settings_or_error(**parameters))
-    except RunNotStartedError as e:
-        click.echo(f"error: {e}", err=True)
-        return 2
-    from flows.pipeline import parallel_transcribe_tokenise, summary_of
+    from flows.prefect_api import prefect_api
 
-    state = parallel_transcribe_tokenise(**parameters, return_state=True)
+    # The temporary Prefect server (when no API is configured) starts now, on the other core,
+    # while this process checks the run and imports the flow: not after, as Prefect would.
+    with prefect_api() as server:
+        try:
+            # Here, before the flow: a run that cannot start says so in one line (exit 2). The flow
+            # checks again (deployment runs come through it alone) and claims the results root.
+            preflight(settings_or_error(**parameters))
+        except RunNotStartedError as e:
+            click.echo(f"error: {e}", err=True)
+            return 2
+        from flows.pipeline import parallel_transcribe_tokenise
+
+        if server is not None:
+            server.wait_ready()
+        state = parallel_transcribe_tokenise(**parameters, return_state=True)
+        return _report(state, preview)
+
+
+def _report(state, preview: int) -> int:
+    """Print the run's summary (or its one-line refusal); returns the exit code."""
+    from flows.pipeline import summary_of
+    from tasks.preflight import RunNotStartedError
+
     try:
         summary = summary_of(state)
     except RunNotStartedError as e:  # e.g. the audio root vanished between the checks
