@@ -126,7 +126,10 @@ def demo(results_root: str, port: int) -> None:
 
     click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
     # The temporary Prefect server (when no API is configured) starts beside the service.
-    with prefect_api(), local_service(port=port) as url:
+    from tasks.settings import PipelineSettings
+
+    settings = PipelineSettings(audio_root=str(DEMO_DATA / "audio"), results_root=results_root)
+    with prefect_api(settings.prefect_server, settings.prefect_server_idle_s), local_service(port=port) as url:
         code = _run_and_report(
             audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
         )
@@ -209,7 +212,7 @@ def _run_and_report(preview: int = 0, **parameters) -> int:
 
 
 def _run(preview: int, **parameters) -> int:
-    from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+    from tasks.preflight import RunNotStartedError, check_roots, preflight, settings_or_error
 
     # None (and an unset on/off flag): not given, so the environment or the default decides.
     parameters = {k: v for k, v in parameters.items() if v is not None and v is not False}
@@ -220,13 +223,19 @@ def _run(preview: int, **parameters) -> int:
             parameters[name] = parameters[name].split(",")
     from flows.prefect_api import prefect_api
 
+    # Here, before the flow: a run that cannot start says so in one line (exit 2). The flow checks
+    # again (deployment runs come through it alone) and claims the results root.
+    try:
+        settings = settings_or_error(**parameters)
+        check_roots(settings)  # milliseconds: a mistyped root costs no Prefect server
+    except RunNotStartedError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
     # The temporary Prefect server (when no API is configured) starts now, on the other core,
-    # while this process checks the run and imports the flow: not after, as Prefect would.
-    with prefect_api() as server:
+    # while this process asks the service and imports the flow: not after, as Prefect would.
+    with prefect_api(settings.prefect_server, settings.prefect_server_idle_s) as server:
         try:
-            # Here, before the flow: a run that cannot start says so in one line (exit 2). The flow
-            # checks again (deployment runs come through it alone) and claims the results root.
-            preflight(settings_or_error(**parameters))
+            preflight(settings)
         except RunNotStartedError as e:
             click.echo(f"error: {e}", err=True)
             return 2

@@ -26,11 +26,15 @@ import contextlib
 import os
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from fsspec.core import split_protocol
 from prefect.task_runners import TaskRunner
-from prefect_dask import DaskTaskRunner
 
 from tasks.settings import PipelineSettings
+
+if TYPE_CHECKING:  # imported when a cluster is made: a rerun with nothing to do never loads Dask
+    from prefect_dask import DaskTaskRunner
 
 GPU_RESOURCE = "GPU"
 WORKER_PRELOAD = ("tasks.worker",)  # see the module docstring
@@ -113,6 +117,8 @@ def cluster_plan(settings: PipelineSettings, gpus: int | None = None) -> dict[st
 
 
 def make_task_runner(settings: PipelineSettings, gpus: int | None = None) -> DaskTaskRunner:
+    from prefect_dask import DaskTaskRunner
+
     plan = cluster_plan(settings, gpus)
     if plan["kind"] == "existing":
         return DaskTaskRunner(address=plan["address"])
