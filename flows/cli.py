@@ -243,6 +243,10 @@ def _run(preview: int, **parameters) -> int:
 
         if server is not None:
             server.wait_ready()
+            if server.process is not None and settings.prefect_server == "keep":
+                click.echo(f"started a local Prefect server at {server.api_url}, kept for the next run: it stops after "
+                           f"{settings.prefect_server_idle_s:.0f} s without a request "
+                           "(AUDIO_PIPELINE_PREFECT_SERVER=temporary: one per run)", err=True)
         state = parallel_transcribe_tokenise(**parameters, return_state=True)
         return _report(state, preview)
 
