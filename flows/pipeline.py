@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import dask
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
@@ -213,6 +212,8 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
 
 def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) -> list[FolderReport]:
     """Submit both stages per shard, each group's merge once its shards are done; collect reports."""
+    import dask  # here, not at import: a rerun with nothing to do never loads Dask
+
     logger = get_run_logger()
     gpu = uses_gpu_resources(settings)
     stage_futures: dict[str, PrefectFuture] = {}

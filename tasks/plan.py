@@ -240,16 +240,16 @@ def group_files(plan: RunPlan, group: GroupPlan) -> tuple[dict[str, list[AudioFi
 
 
 def tokeniser_settings(settings: PipelineSettings) -> dict[str, Any]:
-    """The tokeniser's settings as intermediates store them, built once in this process.
+    """The tokeniser's settings as intermediates store them, validated in this process.
 
-    Building it validates the name and options here, before any cluster starts: a bad name or
-    option is one clear error, not a failure on every worker. On CPU: the device changes no token.
+    A bad name or option is one clear error here, before any cluster starts, not a failure on
+    every worker. rpq and simulated describe themselves from their options (no torch in the
+    flow process); encodec is built on CPU (the device changes no token).
 
     Raises:
         ValueError: unknown tokeniser or option, or a value it refuses.
         ImportError: its optional package is missing.
     """
-    from tasks.tokenisers import get_tokeniser
+    from tasks.tokenisers import tokeniser_settings as settings_of
 
-    tokeniser = get_tokeniser(settings.tokenizer, device="cpu", **settings.tokenizer_options)
-    return json.loads(json.dumps(tokeniser.settings))  # as stored: tuples -> lists
+    return json.loads(json.dumps(settings_of(settings.tokenizer, **settings.tokenizer_options)))  # tuples -> lists

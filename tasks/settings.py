@@ -7,7 +7,7 @@ workers by pickling, so it holds plain values only.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -46,6 +46,11 @@ class PipelineSettings(BaseSettings):
     http_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
     service_wait_s: float = Field(60.0, ge=0, description="How long to wait for a loading service.")
     show_progress: bool = Field(False, description="Draw a terminal progress bar (the CLI sets it).")
+    prefect_server: Literal["keep", "temporary"] = Field(
+        "keep", description="CLI runs with no Prefect API configured: keep the local server for the next run "
+        "(it stops after prefect_server_idle_s without a request), or start and stop one per run.",
+    )
+    prefect_server_idle_s: float = Field(600.0, gt=0, description="A kept local Prefect server stops after this idle time.")
     with_quality: bool = Field(False, description="Add a `quality` object to each JSONL line.")
     drop_flagged: bool = Field(
         False, description="Move clips with quality flags from the JSONL to `{folder}.errors.jsonl` (stage quality)."
