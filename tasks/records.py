@@ -210,6 +210,51 @@ class RunSummary(Record):
     export_errors: list[str] = Field(default_factory=list)  # one line per export that failed or left lines out
 
 
+class Segment(Record):
+    """One speech segment of a long recording: seconds in the source, rounded to ms (issue 22).
+
+    Its JSONL line id is the W3C media-fragment form of the span (`segment_id`).
+    """
+
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return round(self.end - self.start, 3)
+
+    def line_id(self, source_id: str) -> str:
+        return segment_id(source_id, self.start, self.end)
+
+
+class SegmentList(Record):
+    """Intermediate at `segments/{folder}/{stem}.json`: where one long file was cut, and by what."""
+
+    id: str  # the source file's id
+    source: SourceInfo
+    fingerprint: str  # sha256 of the VAD model + cutting options (`tasks.segments.segmentation_fingerprint`)
+    duration: float  # of the source, seconds
+    segments: list[Segment]
+    run_id: str | None = None
+
+
+def segment_id(source_id: str, start: float, end: float) -> str:
+    """`book/ch01.flac#t=12.340,27.100`: a segment's line id (W3C Media Fragments, temporal, NPT seconds)."""
+    return f"{source_id}#t={start:.3f},{end:.3f}"
+
+
+def split_segment_id(line_id: str) -> tuple[str, float, float] | None:
+    """`segment_id` inverted: (source id, start, end), or None for a whole file's id."""
+    source, sep, fragment = line_id.rpartition("#t=")
+    if not sep or not source:
+        return None
+    start, comma, end = fragment.partition(",")
+    try:
+        return (source, float(start), float(end)) if comma else None
+    except ValueError:
+        return None
+
+
 def folder_of(file_id: str) -> str:
     """`p225/p225_001_mic2.flac` -> `p225`; a file at the root belongs to folder `_root`."""
     head, _, _ = file_id.rpartition("/")
