@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import dask
-from prefect import flow, get_run_logger
+from prefect import allow_failure, flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Failed, State
@@ -33,6 +33,7 @@ from tasks.merge import merge_folders, merge_group
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
 from tasks.preflight import RunNotStartedError, preflight, settings_or_error
 from tasks.records import FileError, FolderReport, RunSummary
+from tasks.segments import segment_task
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
 from tasks.tokenise import tokenise_shard
@@ -216,10 +217,14 @@ def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) 
     logger = get_run_logger()
     gpu = uses_gpu_resources(settings)
     stage_futures: dict[str, PrefectFuture] = {}
+    # Long recordings: the VAD tasks first; a shard of their segments waits for them (and runs
+    # even if one failed: it then finds no segment list, and merge reports that file).
+    segmenting = [segment_task.submit(plan.location, j, settings) for j in range(plan.segment_tasks)]
     for i in range(plan.shards):
-        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings)
+        after = [allow_failure(segmenting[j]) for j in plan.long_shards.get(i, [])] or None
+        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings, wait_for=after)
         with dask.annotate(resources={GPU_RESOURCE: 1}) if gpu else contextlib.nullcontext():
-            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings)
+            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings, wait_for=after)
     key_of = {f.task_run_id: key for key, f in stage_futures.items()}
     waiting = {g.index: {f"{s}-{i}" for i in g.shards for s in STAGES} for g in plan.groups}
     failed: dict[str, str] = {}

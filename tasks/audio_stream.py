@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from whisper_service.audio import MAX_SOURCE_RATE, MIN_SOURCE_RATE, SAMPLE_RATE, AudioDecodeError
+from whisper_service.audio import CLIP_LEVEL, MAX_SOURCE_RATE, MIN_SOURCE_RATE, SAMPLE_RATE, AudioDecodeError
 
 BLOCK_FRAMES = 1 << 18  # source frames per read: ~6 s at 44.1 kHz, 2 MiB as float32 stereo
 _UNKNOWN_LENGTH = 1 << 62  # libsndfile's SF_COUNT_MAX: the header does not say how long
@@ -89,8 +89,9 @@ def iter_blocks(f: IO[bytes], rate: int = SAMPLE_RATE, block_frames: int = BLOCK
         raise AudioDecodeError(f"not readable audio: {getattr(e, 'error_string', None) or e}") from e
 
 
-def read_span(f: IO[bytes], start: float, end: float, rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int, int]:
-    """The samples of [start, end) seconds, mono at `rate`; plus the source's rate and channels.
+def read_span(f: IO[bytes], start: float, end: float, rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int, int, float]:
+    """The samples of [start, end) seconds, mono at `rate`; plus the source's rate, channels and
+    clipped fraction (raw samples of every channel at |x| >= CLIP_LEVEL).
 
     Seeks to the first frame (FLAC seeks by its seek table / frame search), so the cost is the
     span, not the file before it.
@@ -98,6 +99,7 @@ def read_span(f: IO[bytes], start: float, end: float, rate: int = SAMPLE_RATE) -
     Raises:
         AudioDecodeError: unreadable, or the span lies outside the audio.
     """
+    f.seek(0)  # the same open file may serve several spans
     try:
         with sf.SoundFile(f) as s:
             _check_rate(s.samplerate)
@@ -112,10 +114,11 @@ def read_span(f: IO[bytes], start: float, end: float, rate: int = SAMPLE_RATE) -
         raise AudioDecodeError(f"no samples in {start:.3f}-{end:.3f} s")
     if not np.isfinite(raw).all():
         raise AudioDecodeError("audio contains NaN or infinite samples")
+    clipped = float(np.count_nonzero(np.abs(raw) >= CLIP_LEVEL)) / raw.size
     mono = _mono(raw)
     if source_rate != rate:
         mono = soxr.resample(mono, source_rate, rate).astype(np.float32, copy=False)
-    return np.ascontiguousarray(mono), source_rate, channels
+    return np.ascontiguousarray(mono), source_rate, channels, clipped
 
 
 def span_flac(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:

@@ -166,7 +166,7 @@ class OutputOptions(Record):
 class StageReport(Record):
     """What one shard task did for one stage; small, so Prefect can persist it cheaply."""
 
-    stage: Literal["transcribe", "tokenise"]
+    stage: Literal["transcribe", "tokenise", "segment"]
     shard: int
     files: int
     done: int = 0
@@ -253,6 +253,24 @@ def split_segment_id(line_id: str) -> tuple[str, float, float] | None:
         return (source, float(start), float(end)) if comma else None
     except ValueError:
         return None
+
+
+def line_order(line_id: str) -> tuple[str, float, float]:
+    """Sort key of JSONL lines: by source id, then start (a whole file's line keys as its id)."""
+    parts = split_segment_id(line_id)
+    return parts if parts is not None else (line_id, -1.0, -1.0)
+
+
+class SegmentOutputLine(OutputLine):
+    """A segment's line: the contract's three fields plus where in which source it lies."""
+
+    source_id: str
+    start: float
+    end: float
+
+
+class QualitySegmentOutputLine(SegmentOutputLine):
+    quality: dict[str, Any]
 
 
 def folder_of(file_id: str) -> str:

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from tasks.audio_stream import iter_blocks, open_source
-from tasks.records import AudioFile, Segment, SegmentList
-from tasks.settings import SegmentOptions
+from tasks.records import AudioFile, Failure, Segment, SegmentList, StageReport
+from tasks.settings import PipelineSettings, SegmentOptions
+from tasks.storage import Store, stem_id
 from tasks.vad import RATE, WINDOW, model_sha256, speech_probabilities
+from whisper_service.audio import AudioDecodeError
 
 FRAME_S = WINDOW / RATE  # 0.032 s per probability
 NEG_OFFSET = 0.15  # speech ends below threshold - this (faster-whisper's default neg_threshold)
@@ -149,3 +151,72 @@ def segment_source(
         id=file.id, source=file.source, fingerprint=segmentation_fingerprint(options), duration=duration,
         segments=segment_audio(probs, duration, options), run_id=run_id,
     )
+
+
+# -- the segmentation stage: segment lists on storage, reused on reruns ------------------------------
+SEGMENTS_DIR = "segments"
+
+
+def segment_list_path(file_id: str) -> str:
+    """`book/ch01.flac` -> `segments/book/ch01.json` (mirrors the input path, like every intermediate)."""
+    return f"{SEGMENTS_DIR}/{stem_id(file_id)}.json"
+
+
+def load_segment_list(store: Store, file: AudioFile, fingerprint: str) -> SegmentList | None:
+    """The stored segment list of this version of `file` cut with `fingerprint`, or None."""
+    data = store.read_bytes(segment_list_path(file.id))
+    if data is None:
+        return None
+    try:
+        listing = SegmentList.model_validate_json(data)
+    except ValueError:  # torn or foreign: segment again
+        return None
+    ok = listing.id == file.id and listing.source == file.source and listing.fingerprint == fingerprint
+    return listing if ok else None
+
+
+def segment_files(
+    files: list[AudioFile], options: SegmentOptions, store: Store, run_id: str | None = None, index: int = 0
+) -> StageReport:
+    """Segment each long file unless its list is stored for this version and fingerprint.
+
+    A file that cannot be decoded gets a decode `Failure` in place of both stages' records (one
+    error line at merge, under the file's id); the others go on.
+    """
+    fingerprint = segmentation_fingerprint(options)
+    done = reused = failed = 0
+    seconds = 0.0
+    for f in files:
+        if load_segment_list(store, f, fingerprint) is not None:
+            reused += 1
+            continue
+        try:
+            listing = segment_source(f, options, run_id=run_id)
+        except (AudioDecodeError, OSError) as e:
+            store.remove(segment_list_path(f.id))
+            for kind in ("transcriptions", "tokens"):
+                store.write_record(kind, Failure(id=f.id, stage="decode", error=f"cannot segment: {e}", source=f.source))
+            failed += 1
+            continue
+        store.write_bytes(segment_list_path(f.id), listing.model_dump_json().encode())
+        done += 1
+        seconds += listing.duration
+    return StageReport(stage="segment", shard=index, files=len(files), done=done, reused=reused, failed=failed,
+                       audio_seconds=seconds)
+
+
+# -- Prefect task ------------------------------------------------------------------------------
+from prefect import task  # noqa: E402  (wrappers last: the functions above work without Prefect)
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+
+
+@task(name="segment-long", task_run_name="segment-long-{index}", retries=1, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def segment_task(plan: str, index: int, settings: PipelineSettings) -> StageReport:
+    """Segment the long files of segment task `index` of the run plan at `plan`."""
+    from tasks.long_plan import load_segment_task
+    from tasks.plan import load_plan
+
+    run = load_plan(plan)
+    files = load_segment_task(plan, index).files
+    return segment_files(files, settings.segmentation, Store(settings.results_root), run.provenance.run_id, index)
