@@ -88,6 +88,9 @@ def _pipeline_options(f):
                      help="Comma-separated formats to export into at the end: lhotse,hf,webdataset,nemo."),
         click.option("--export-root", default=None,
                      help="Local directory for those exports, one folder per format (default RESULTS-exports)."),
+        click.option("--segment-over", "segment_over_s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Cut files longer than SECONDS into speech segments, one line each (default 30)."),
+        click.option("--no-segment", is_flag=True, default=None, help="Keep every file whole, however long."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -215,6 +218,9 @@ def _run(preview: int, **parameters) -> int:
     for name in ("extensions", "export_formats"):
         if name in parameters:
             parameters[name] = parameters[name].split(",")
+    segmentation = {k: parameters.pop(k) for k in ("segment_over_s", "no_segment") if k in parameters}
+    if segmentation:  # one nested settings group (`SegmentOptions`), as the flow takes it
+        parameters["segmentation"] = segmentation
     try:
         # Here, before Prefect starts: a run that cannot start says so in one line (exit 2).
         # The flow checks again (deployment runs come through it alone) and claims the results root.

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import dask
 from prefect import allow_failure, flow, get_run_logger
@@ -58,6 +59,7 @@ def parallel_transcribe_tokenise(
     max_failed_fraction: float | None = None,
     export_formats: list[str] | None = None,
     export_root: str | None = None,
+    segmentation: dict[str, Any] | None = None,
 ) -> RunSummary | State:
     """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
 
@@ -78,12 +80,13 @@ def parallel_transcribe_tokenise(
         max_failed_fraction: Failed files (0..1 of all) the run may have and still end Completed (default 0).
         export_formats: Export the results at the end of the run: any of lhotse, hf, webdataset, nemo.
         export_root: Local directory for those exports, one folder per format (default `{results_root}-exports`).
+        segmentation: Long recordings (`SegmentOptions`): e.g. {"segment_over_s": 60} or {"no_segment": true}.
     """
     settings = settings_from_parameters(
         audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
         batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
         with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
-        export_formats=export_formats, export_root=export_root,
+        export_formats=export_formats, export_root=export_root, segmentation=segmentation,
     )
     summary = run_pipeline(settings)
     if too_many_failed(summary, settings.max_failed_fraction) or summary.export_errors:
