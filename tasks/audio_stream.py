@@ -137,3 +137,30 @@ def _mono(chunk: np.ndarray) -> np.ndarray:
 def _check_rate(rate: int) -> None:
     if not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
         raise AudioDecodeError(f"sample rate {rate} Hz is outside {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz")
+
+
+def span_file(path: str, start: float, end: float, storage_options: dict[str, Any] | None = None) -> tuple[bytes, float]:
+    """[start, end) seconds of the source as a FLAC file of its own: source rate and channels,
+    16-bit (what an export embeds for a segment). Returns the bytes and their duration.
+
+    Raises:
+        AudioDecodeError: unreadable, or the span lies outside the audio.
+        OSError: the source cannot be read.
+    """
+    import io
+
+    with open_source(path, storage_options) as f:
+        try:
+            with sf.SoundFile(f) as s:
+                _check_rate(s.samplerate)
+                first = int(round(start * s.samplerate))
+                s.seek(first)
+                raw = s.read(max(0, int(round(end * s.samplerate)) - first), dtype="float32", always_2d=True)
+                rate = s.samplerate
+        except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+            raise AudioDecodeError(f"not readable audio: {getattr(e, 'error_string', None) or e}") from e
+    if len(raw) == 0:
+        raise AudioDecodeError(f"no samples in {start:.3f}-{end:.3f} s")
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(raw, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue(), len(raw) / rate

@@ -7,6 +7,7 @@ segment lines (`id` `{source}#t=start,end`, `source_id`, `start`, `end`) beside 
 from __future__ import annotations
 
 import glob
+import io
 import json
 from pathlib import Path
 
@@ -84,3 +85,40 @@ def test_nemo_segments_have_offset_and_duration(segmented: Path, tmp_path: Path)
         entry = entries[segment_id(SOURCE, start, end)]
         assert entry["audio_filepath"] == str(segmented / "audio" / SOURCE)
         assert (entry["offset"], entry["duration"]) == (start, pytest.approx(end - start))
+
+
+def test_hf_segments_embed_their_span_and_name_their_source(segmented: Path, tmp_path: Path) -> None:
+    import datasets
+
+    report = export(str(segmented / "results"), "hf", str(tmp_path), with_audio=True)
+    assert report.failed == 0
+    ds = datasets.load_dataset("parquet", data_files=f"{tmp_path}/data/*.parquet", split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    rows = {row["id"]: row for row in ds}
+    assert rows[CLIP]["source_id"] is None and rows[CLIP]["start"] is None
+    source, rate = sf.read(segmented / "audio" / SOURCE, dtype="float32")
+    for start, end in SPANS:
+        row = rows[segment_id(SOURCE, start, end)]
+        assert (row["source_id"], row["start"], row["end"]) == (SOURCE, start, end)
+        audio, span_rate = sf.read(io.BytesIO(row["audio"]["bytes"]), dtype="float32")
+        assert span_rate == rate and audio.shape == (int(round(end * rate)) - int(round(start * rate)), 2)
+        first = int(round(start * rate))
+        np.testing.assert_allclose(audio[:1000], source[first : first + 1000], atol=1e-4)
+
+
+def test_webdataset_segments_carry_their_span(segmented: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    report = export(str(segmented / "results"), "webdataset", str(tmp_path))
+    assert report.failed == 0
+    samples = {s["json"]["id"]: s for s in wds.WebDataset(
+        [str(t) for t in sorted(tmp_path.glob("shard-*.tar"))], shardshuffle=False).decode()}
+    assert len(samples) == 4
+    for i, (start, end) in enumerate(SPANS):
+        sample = samples[segment_id(SOURCE, start, end)]
+        meta = sample["json"]
+        assert (meta["source_id"], meta["start"], meta["end"]) == (SOURCE, start, end)
+        assert meta["duration"] == pytest.approx(end - start, abs=1e-4) and meta["channels"] == 2
+        assert sample["txt"] == f"part {i}" and sample["tokens.npy"].tolist() == [i, i + 1, i + 2]
+        audio, rate = sf.read(io.BytesIO(sample["flac"]))
+        assert audio.shape[0] / rate == pytest.approx(end - start, abs=1e-4)
