@@ -47,6 +47,7 @@ from tasks.records import (
     OutputOptions,
     Provenance,
     QualityOutputLine,
+    SEGMENT_SAMPLE,
     QualitySegmentOutputLine,
     SegmentOutputLine,
     Tokens,
@@ -110,6 +111,8 @@ def merge_folder(
             audio_seconds=joined.audio_seconds, changed=changed, jsonl=store.display(jsonl_name(folder)),
             errors_jsonl=store.display(errors_name(folder)) if errors else None,
             new=joined.new, flagged=joined.flagged, worst=joined.worst(),
+            segments=joined.segments, segment_seconds=round(joined.segment_seconds, 3),
+            segment_durations=joined.segment_durations,
         )
         # Last, after the content and both outputs, so its stamp describes them as written
         # (a crash before this leaves the old stamp, which then fails to match: merged again).
@@ -165,6 +168,9 @@ class _Joined:
         self.index: LoadedIndex | None = None  # the slim index as read, and the entries to save
         self.entries: dict[str, IndexEntry] = {}
         self._worst: list[tuple[tuple, dict[str, Any]]] = []  # a bounded heap of the worst flagged clips
+        self.segments = 0  # segment lines of long recordings, their seconds and a few durations
+        self.segment_seconds = 0.0
+        self.segment_durations: list[float] = []
 
     def run(
         self, folder: str, files: list[AudioFile], store: Store, index: LoadedIndex, vouched: dict[Kind, set[str]],
@@ -233,6 +239,10 @@ class _Joined:
         segment = split_segment_id(t.id)
         if segment is not None:  # a long recording's segment (issue 22)
             line = segment_line(t, k, segment, quality_object(t, k) if self.output.with_quality else None)
+            self.segments += 1
+            self.segment_seconds += segment[2] - segment[1]
+            if len(self.segment_durations) < SEGMENT_SAMPLE:
+                self.segment_durations.append(round(segment[2] - segment[1], 3))
         elif self.output.with_quality:
             line: OutputLine = QualityOutputLine(
                 id=t.id, transcription=t.text, token_array=k.token_array, quality=quality_object(t, k)

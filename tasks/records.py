@@ -189,6 +189,9 @@ class FolderReport(Record):
     new: int = 0  # lines with an intermediate this run produced (`run_id`); the rest were reused
     flagged: int = 0  # lines whose transcription carries quality flags
     worst: list[dict[str, Any]] = Field(default_factory=list)  # a few flagged clips: id, flags, text
+    segments: int = 0  # lines that are segments of long recordings (issue 22)
+    segment_seconds: float = 0.0  # their audio, in all
+    segment_durations: list[float] = Field(default_factory=list)  # the first SEGMENT_SAMPLE of them, for a histogram
 
 
 class RunSummary(Record):
@@ -271,6 +274,9 @@ class SegmentOutputLine(OutputLine):
 
 class QualitySegmentOutputLine(SegmentOutputLine):
     quality: dict[str, Any]
+
+
+SEGMENT_SAMPLE = 500  # segment durations a FolderReport keeps (bounded: Prefect persists reports)
 
 
 def folder_of(file_id: str) -> str:
