@@ -123,12 +123,14 @@ def run(audio_root: str, **flags) -> None:
 @click.option("--port", type=int, default=0, help="Service port (0: a free one).")
 def demo(results_root: str, port: int) -> None:
     """Start the Whisper service, run the flow on the bundled demo corpus, show results, stop."""
-    from flows.demo import local_service
+    from flows.demo import demo_corpus, local_service
 
+    # The bundled clips plus one long recording built from them, so the output shows segments.
+    audio_root = demo_corpus(DEMO_DATA / "audio", Path(f"{results_root.rstrip('/')}-demo-audio"))
     click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
     with local_service(port=port) as url:
         code = _run_and_report(
-            audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
+            audio_root=str(audio_root), results_root=results_root, service_url=url, preview=3
         )
     sys.exit(code)
 

@@ -74,7 +74,7 @@ def test_every_sentence_lies_whole_in_one_segment(recordings, name):
 
 def test_unbroken_speech_is_split_below_the_limit_and_nothing_is_lost(recordings):
     rec = recordings["unbroken"]
-    options = SegmentOptions(max_segment_s=15.0)
+    options = SegmentOptions(min_segment_s=5.0, max_segment_s=15.0)
     listing = segment_source(_file(rec), options)
     _check_bounds(listing.segments, listing.duration, options)
     assert len(listing.segments) >= 5
