@@ -166,7 +166,7 @@ def expand(
             out.append(f)
             continue
         listing = load_segment_list(store, f, fingerprint)
-        if listing is None:
+        if listing is None or not listing.segments:  # no list (merge reports why), or no speech
             if whole:
                 out.append(f)
             continue

@@ -181,7 +181,9 @@ def segment_files(
     """Segment each long file unless its list is stored for this version and fingerprint.
 
     A file that cannot be decoded gets a decode `Failure` in place of both stages' records (one
-    error line at merge, under the file's id); the others go on.
+    error line at merge, under the file's id); the others go on. A file with no speech at all gets
+    a `quality` one (listed in the errors file, not counted as failed, like `--drop-flagged`), so
+    its lines never vanish silently.
     """
     fingerprint = segmentation_fingerprint(options)
     done = reused = failed = 0
@@ -199,6 +201,10 @@ def segment_files(
             failed += 1
             continue
         store.write_bytes(segment_list_path(f.id), listing.model_dump_json().encode())
+        if not listing.segments:
+            error = f"no speech: Silero VAD found none in {listing.duration:.1f} s, so the file has no segment"
+            for kind in ("transcriptions", "tokens"):
+                store.write_record(kind, Failure(id=f.id, stage="quality", error=error, source=f.source))
         done += 1
         seconds += listing.duration
     return StageReport(stage="segment", shard=index, files=len(files), done=done, reused=reused, failed=failed,

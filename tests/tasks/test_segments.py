@@ -175,3 +175,25 @@ def test_segment_ids_are_media_fragments():
     assert split_segment_id(line) == ("book/ch01.flac", 12.34, 27.1)
     assert split_segment_id("p225/p225_001_mic2.flac") is None
     assert Segment(start=12.34, end=27.1).line_id("book/ch01.flac") == line
+
+
+def test_a_long_file_without_speech_is_reported_not_dropped(tmp_path):
+    """No segment at all: a `quality` record under the file's id (listed, not failed), and merge's
+    expansion keeps the file itself so that record becomes its errors line."""
+    from tasks.long_plan import LongItem, expand
+    from tasks.records import Failure
+    from tasks.segments import segment_files
+    from tasks.storage import Store
+
+    path = tmp_path / "audio" / "room" / "silence.flac"
+    path.parent.mkdir(parents=True)
+    noise = np.random.default_rng(0).normal(0, 1e-3, 40 * 16_000).astype(np.float32)
+    sf.write(path, noise, 16_000, format="FLAC")
+    f = AudioFile(id="room/silence.flac", path=str(path), source=SourceInfo(size=path.stat().st_size, mtime="0"))
+    store = Store(str(tmp_path / "results"))
+    report = segment_files([f], OPTIONS, store)
+    assert (report.done, report.failed) == (1, 0)
+    record = store.read_transcription(f.id)
+    assert isinstance(record, Failure) and record.stage == "quality" and "no speech" in record.error
+    files, spans = expand([f], [LongItem(id=f.id, start=0, end=41)], store, OPTIONS, whole=True)
+    assert files == [f] and spans == {}
