@@ -51,7 +51,8 @@ def probe(path: str, storage_options: dict[str, Any] | None = None) -> StreamInf
     Raises:
         AudioDecodeError: not audio soundfile can read, or an impossible sample rate.
     """
-    with open_source(path, storage_options) as f:
+    # A small block size: on object stores each read is a ranged GET, and the header is a few KB.
+    with open_source(path, {"block_size": 1 << 16, **(storage_options or {})}) as f:
         try:
             with sf.SoundFile(f) as s:
                 info = StreamInfo(s.samplerate, s.channels, s.frames if s.frames < _UNKNOWN_LENGTH else 0)
