@@ -88,6 +88,9 @@ def _pipeline_options(f):
                      help="Comma-separated formats to export into at the end: lhotse,hf,webdataset,nemo."),
         click.option("--export-root", default=None,
                      help="Local directory for those exports, one folder per format (default RESULTS-exports)."),
+        click.option("--segment-over", "segment_over_s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Cut files longer than SECONDS into speech segments, one line each (default 30)."),
+        click.option("--no-segment", is_flag=True, default=None, help="Keep every file whole, however long."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -120,18 +123,18 @@ def run(audio_root: str, **flags) -> None:
 @click.option("--port", type=int, default=0, help="Service port (0: a free one).")
 def demo(results_root: str, port: int) -> None:
     """Start the Whisper service, run the flow on the bundled demo corpus, show results, stop."""
-    from flows.demo import local_service
-
+    from flows.demo import demo_corpus, local_service
     from flows.prefect_api import prefect_api
-
-    click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
-    # The temporary Prefect server (when no API is configured) starts beside the service.
     from tasks.settings import PipelineSettings
 
-    settings = PipelineSettings(audio_root=str(DEMO_DATA / "audio"), results_root=results_root)
+    # The bundled clips plus one long recording built from them, so the output shows segments.
+    audio_root = demo_corpus(DEMO_DATA / "audio", Path(f"{results_root.rstrip('/')}-demo-audio"))
+    settings = PipelineSettings(audio_root=str(audio_root), results_root=results_root)
+    click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
+    # The local Prefect server (when no API is configured) starts beside the service.
     with prefect_api(settings.prefect_server, settings.prefect_server_idle_s), local_service(port=port) as url:
         code = _run_and_report(
-            audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
+            audio_root=str(audio_root), results_root=results_root, service_url=url, preview=3
         )
     sys.exit(code)
 
@@ -221,6 +224,9 @@ def _run(preview: int, **parameters) -> int:
     for name in ("extensions", "export_formats"):
         if name in parameters:
             parameters[name] = parameters[name].split(",")
+    segmentation = {k: parameters.pop(k) for k in ("segment_over_s", "no_segment") if k in parameters}
+    if segmentation:  # one nested settings group (`SegmentOptions`), as the flow takes it
+        parameters["segmentation"] = segmentation
     from flows.prefect_api import prefect_api
 
     # Here, before the flow: a run that cannot start says so in one line (exit 2). The flow checks

@@ -17,8 +17,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import allow_failure, flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Failed, State
@@ -32,6 +33,7 @@ from tasks.merge import merge_folders, merge_group
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
 from tasks.preflight import RunNotStartedError, preflight, settings_or_error
 from tasks.records import FileError, FolderReport, RunSummary
+from tasks.segments import segment_task
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
 from tasks.tokenise import tokenise_shard
@@ -56,6 +58,7 @@ def parallel_transcribe_tokenise(
     max_failed_fraction: float | None = None,
     export_formats: list[str] | None = None,
     export_root: str | None = None,
+    segmentation: dict[str, Any] | None = None,
 ) -> RunSummary | State:
     """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
 
@@ -76,12 +79,13 @@ def parallel_transcribe_tokenise(
         max_failed_fraction: Failed files (0..1 of all) the run may have and still end Completed (default 0).
         export_formats: Export the results at the end of the run: any of lhotse, hf, webdataset, nemo.
         export_root: Local directory for those exports, one folder per format (default `{results_root}-exports`).
+        segmentation: Long recordings (`SegmentOptions`): e.g. {"segment_over_s": 60} or {"no_segment": true}.
     """
     settings = settings_from_parameters(
         audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
         batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
         with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
-        export_formats=export_formats, export_root=export_root,
+        export_formats=export_formats, export_root=export_root, segmentation=segmentation,
     )
     summary = run_pipeline(settings)
     if too_many_failed(summary, settings.max_failed_fraction) or summary.export_errors:
@@ -217,10 +221,14 @@ def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) 
     logger = get_run_logger()
     gpu = uses_gpu_resources(settings)
     stage_futures: dict[str, PrefectFuture] = {}
+    # Long recordings: the VAD tasks first; a shard of their segments waits for them (and runs
+    # even if one failed: it then finds no segment list, and merge reports that file).
+    segmenting = [segment_task.submit(plan.location, j, settings) for j in range(plan.segment_tasks)]
     for i in range(plan.shards):
-        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings)
+        after = [allow_failure(segmenting[j]) for j in plan.long_shards.get(i, [])] or None
+        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings, wait_for=after)
         with dask.annotate(resources={GPU_RESOURCE: 1}) if gpu else contextlib.nullcontext():
-            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings)
+            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings, wait_for=after)
     key_of = {f.task_run_id: key for key, f in stage_futures.items()}
     waiting = {g.index: {f"{s}-{i}" for i in g.shards for s in STAGES} for g in plan.groups}
     failed: dict[str, str] = {}

@@ -47,9 +47,14 @@ from tasks.records import (
     OutputOptions,
     Provenance,
     QualityOutputLine,
+    SEGMENT_SAMPLE,
+    QualitySegmentOutputLine,
+    SegmentOutputLine,
     Tokens,
     Transcription,
     folder_of,
+    line_order,
+    split_segment_id,
 )
 from tasks.settled import merge_stamp
 from tasks.storage import (
@@ -86,7 +91,7 @@ def merge_folder(
             with quality flags to the errors file (stage "quality").
     """
     known_errors = known_errors or []
-    files = sorted({f.id: f for f in files}.values(), key=lambda f: f.id)
+    files = sorted({f.id: f for f in files}.values(), key=lambda f: line_order(f.id))  # segments by start
     n_files = len(files) + len({e.id for e in known_errors} - {f.id for f in files})
     with store.folder_lock(folder):
         refused = output_name_problem(folder)
@@ -106,6 +111,8 @@ def merge_folder(
             audio_seconds=joined.audio_seconds, changed=changed, jsonl=store.display(jsonl_name(folder)),
             errors_jsonl=store.display(errors_name(folder)) if errors else None,
             new=joined.new, flagged=joined.flagged, worst=joined.worst(),
+            segments=joined.segments, segment_seconds=round(joined.segment_seconds, 3),
+            segment_durations=joined.segment_durations,
         )
         # Last, after the content and both outputs, so its stamp describes them as written
         # (a crash before this leaves the old stamp, which then fails to match: merged again).
@@ -161,6 +168,9 @@ class _Joined:
         self.index: LoadedIndex | None = None  # the slim index as read, and the entries to save
         self.entries: dict[str, IndexEntry] = {}
         self._worst: list[tuple[tuple, dict[str, Any]]] = []  # a bounded heap of the worst flagged clips
+        self.segments = 0  # segment lines of long recordings, their seconds and a few durations
+        self.segment_seconds = 0.0
+        self.segment_durations: list[float] = []
 
     def run(
         self, folder: str, files: list[AudioFile], store: Store, index: LoadedIndex, vouched: dict[Kind, set[str]],
@@ -226,7 +236,14 @@ class _Joined:
                     id=t.id, stage="quality", error=f"quality flags: {', '.join(flags)}; text: {t.text[:120]!r}",
                 ))
                 return False
-        if self.output.with_quality:
+        segment = split_segment_id(t.id)
+        if segment is not None:  # a long recording's segment (issue 22)
+            line = segment_line(t, k, segment, quality_object(t, k) if self.output.with_quality else None)
+            self.segments += 1
+            self.segment_seconds += segment[2] - segment[1]
+            if len(self.segment_durations) < SEGMENT_SAMPLE:
+                self.segment_durations.append(round(segment[2] - segment[1], 3))
+        elif self.output.with_quality:
             line: OutputLine = QualityOutputLine(
                 id=t.id, transcription=t.text, token_array=k.token_array, quality=quality_object(t, k)
             )
@@ -264,6 +281,15 @@ class _Reverse:
 
     def __gt__(self, other: _Reverse) -> bool:
         return self.key < other.key
+
+
+def segment_line(
+    t: Transcription, k: Tokens, segment: tuple[str, float, float], quality: dict[str, Any] | None
+) -> OutputLine:
+    """A segment's line: its id, source id, start and end (seconds in the source), text, tokens."""
+    source_id, start, end = segment
+    fields = dict(id=t.id, source_id=source_id, start=start, end=end, transcription=t.text, token_array=k.token_array)
+    return SegmentOutputLine(**fields) if quality is None else QualitySegmentOutputLine(**fields, quality=quality)
 
 
 def quality_object(t: Transcription, k: Tokens) -> dict[str, Any]:
