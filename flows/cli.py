@@ -91,6 +91,9 @@ def _pipeline_options(f):
                      help="Comma-separated formats to export into at the end: lhotse,hf,webdataset,nemo."),
         click.option("--export-root", default=None,
                      help="Local directory for those exports, one folder per format (default RESULTS-exports)."),
+        click.option("--segment-over", "segment_over_s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Cut files longer than SECONDS into speech segments, one line each (default 30)."),
+        click.option("--no-segment", is_flag=True, default=None, help="Keep every file whole, however long."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -123,12 +126,18 @@ def run(audio_root: str, **flags) -> None:
 @click.option("--port", type=int, default=0, help="Service port (0: a free one).")
 def demo(results_root: str, port: int) -> None:
     """Start the Whisper service, run the flow on the bundled demo corpus, show results, stop."""
-    from flows.demo import local_service
+    from flows.demo import demo_corpus, local_service
+    from flows.prefect_api import prefect_api
+    from tasks.settings import PipelineSettings
 
+    # The bundled clips plus one long recording built from them, so the output shows segments.
+    audio_root = demo_corpus(DEMO_DATA / "audio", Path(f"{results_root.rstrip('/')}-demo-audio"))
+    settings = PipelineSettings(audio_root=str(audio_root), results_root=results_root)
     click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
-    with local_service(port=port) as url:
+    # The local Prefect server (when no API is configured) starts beside the service.
+    with prefect_api(settings.prefect_server, settings.prefect_server_idle_s), local_service(port=port) as url:
         code = _run_and_report(
-            audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
+            audio_root=str(audio_root), results_root=results_root, service_url=url, preview=3
         )
     sys.exit(code)
 
@@ -209,7 +218,7 @@ def _run_and_report(preview: int = 0, **parameters) -> int:
 
 
 def _run(preview: int, **parameters) -> int:
-    from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+    from tasks.preflight import RunNotStartedError, check_roots, preflight, settings_or_error
 
     # None (and an unset on/off flag): not given, so the environment or the default decides.
     parameters = {k: v for k, v in parameters.items() if v is not None and v is not False}
@@ -218,16 +227,44 @@ def _run(preview: int, **parameters) -> int:
     for name in ("extensions", "export_formats"):
         if name in parameters:
             parameters[name] = parameters[name].split(",")
+    segmentation = {k: parameters.pop(k) for k in ("segment_over_s", "no_segment") if k in parameters}
+    if segmentation:  # one nested settings group (`SegmentOptions`), as the flow takes it
+        parameters["segmentation"] = segmentation
+    from flows.prefect_api import prefect_api
+
+    # Here, before the flow: a run that cannot start says so in one line (exit 2). The flow checks
+    # again (deployment runs come through it alone) and claims the results root.
     try:
-        # Here, before Prefect starts: a run that cannot start says so in one line (exit 2).
-        # The flow checks again (deployment runs come through it alone) and claims the results root.
-        preflight(settings_or_error(**parameters))
+        settings = settings_or_error(**parameters)
+        check_roots(settings)  # milliseconds: a mistyped root costs no Prefect server
     except RunNotStartedError as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    from flows.pipeline import parallel_transcribe_tokenise, summary_of
+    # The temporary Prefect server (when no API is configured) starts now, on the other core,
+    # while this process asks the service and imports the flow: not after, as Prefect would.
+    with prefect_api(settings.prefect_server, settings.prefect_server_idle_s) as server:
+        try:
+            preflight(settings)
+        except RunNotStartedError as e:
+            click.echo(f"error: {e}", err=True)
+            return 2
+        from flows.pipeline import parallel_transcribe_tokenise
 
-    state = parallel_transcribe_tokenise(**parameters, return_state=True)
+        if server is not None:
+            server.wait_ready()
+            if server.process is not None and settings.prefect_server == "keep":
+                click.echo(f"started a local Prefect server at {server.api_url}, kept for the next run: it stops after "
+                           f"{settings.prefect_server_idle_s:.0f} s without a request "
+                           "(AUDIO_PIPELINE_PREFECT_SERVER=temporary: one per run)", err=True)
+        state = parallel_transcribe_tokenise(**parameters, return_state=True)
+        return _report(state, preview)
+
+
+def _report(state, preview: int) -> int:
+    """Print the run's summary (or its one-line refusal); returns the exit code."""
+    from flows.pipeline import summary_of
+    from tasks.preflight import RunNotStartedError
+
     try:
         summary = summary_of(state)
     except RunNotStartedError as e:  # e.g. the audio root vanished between the checks

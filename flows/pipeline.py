@@ -17,9 +17,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-import dask
-from prefect import flow, get_run_logger
+from prefect import allow_failure, flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Failed, State
@@ -33,6 +33,7 @@ from tasks.merge import REMOVED_SHOWN, merge_folders, merge_group, write_refused
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
 from tasks.preflight import RunNotStartedError, preflight, settings_or_error
 from tasks.records import FileError, FolderReport, RunSummary
+from tasks.segments import segment_task
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
 from tasks.tokenise import tokenise_shard
@@ -58,6 +59,7 @@ def parallel_transcribe_tokenise(
     export_formats: list[str] | None = None,
     export_root: str | None = None,
     verify_content: bool | None = None,
+    segmentation: dict[str, Any] | None = None,
 ) -> RunSummary | State:
     """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
 
@@ -80,12 +82,14 @@ def parallel_transcribe_tokenise(
         export_root: Local directory for those exports, one folder per format (default `{results_root}-exports`).
         verify_content: Add each audio file's sha256 to its identity, for files rewritten in place with
             their times preserved (reads every file at every run; default false).
+        segmentation: Long recordings (`SegmentOptions`): e.g. {"segment_over_s": 60} or {"no_segment": true}.
     """
     settings = settings_from_parameters(
         audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
         batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
         with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
         export_formats=export_formats, export_root=export_root, verify_content=verify_content,
+        segmentation=segmentation,
     )
     summary = run_pipeline(settings)
     if too_many_failed(summary, settings.max_failed_fraction) or summary.export_errors:
@@ -227,13 +231,19 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
 
 def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) -> list[FolderReport]:
     """Submit both stages per shard, each group's merge once its shards are done; collect reports."""
+    import dask  # here, not at import: a rerun with nothing to do never loads Dask
+
     logger = get_run_logger()
     gpu = uses_gpu_resources(settings)
     stage_futures: dict[str, PrefectFuture] = {}
+    # Long recordings: the VAD tasks first; a shard of their segments waits for them (and runs
+    # even if one failed: it then finds no segment list, and merge reports that file).
+    segmenting = [segment_task.submit(plan.location, j, settings) for j in range(plan.segment_tasks)]
     for i in range(plan.shards):
-        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings)
+        after = [allow_failure(segmenting[j]) for j in plan.long_shards.get(i, [])] or None
+        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings, wait_for=after)
         with dask.annotate(resources={GPU_RESOURCE: 1}) if gpu else contextlib.nullcontext():
-            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings)
+            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings, wait_for=after)
     key_of = {f.task_run_id: key for key, f in stage_futures.items()}
     waiting = {g.index: {f"{s}-{i}" for i in g.shards for s in STAGES} for g in plan.groups}
     failed: dict[str, str] = {}

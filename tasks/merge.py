@@ -50,6 +50,7 @@ from tasks.provenance import (
 )
 from tasks.discover import AudioRoot
 from tasks.records import (
+    SEGMENT_SAMPLE,
     AudioFile,
     FileError,
     FolderReport,
@@ -57,18 +58,22 @@ from tasks.records import (
     OutputOptions,
     Provenance,
     QualityOutputLine,
+    QualitySegmentOutputLine,
     RemovedLine,
+    SegmentOutputLine,
     Tokens,
     Transcription,
     folder_of,
+    line_order,
     source_id,
+    split_segment_id,
 )
 from tasks.settled import merge_stamp
 from tasks.storage import (
     REFUSED_ERRORS,
+    UNKNOWN,
     Kind,
     Store,
-    UNKNOWN,
     StreamWriter,
     errors_name,
     jsonl_name,
@@ -104,7 +109,7 @@ def merge_folder(
             removed as "not discovered" (still counted and named in the report).
     """
     known_errors = known_errors or []
-    files = sorted({f.id: f for f in files}.values(), key=lambda f: f.id)
+    files = sorted({f.id: f for f in files}.values(), key=lambda f: line_order(f.id))  # segments by start
     n_files = len(files) + len({e.id for e in known_errors} - {f.id for f in files})
     with store.folder_lock(folder):
         refused = output_name_problem(folder)
@@ -119,7 +124,7 @@ def merge_folder(
         before = _stored_ids(store, folder, listed)
         carried, removed = _recheck(before.unlisted, {source_id(i) for i in listed}, audio)
         joined = _join(folder, files, store, expect, stage_errors or {}, output, carried, before.jsonl_digest)
-        removed = sorted([*removed, *joined.removed], key=lambda r: r.id)
+        removed = sorted([*removed, *joined.removed], key=lambda r: line_order(r.id))
         errors = _one_per_file([*known_errors, *joined.errors])
         changed = joined.changed
         changed |= _write_errors(store, folder, errors, before.errors_raw)
@@ -129,6 +134,8 @@ def merge_folder(
             errors_jsonl=store.display(errors_name(folder)) if errors else None,
             new=joined.new, flagged=joined.flagged, worst=joined.worst(),
             removed=len(removed), removed_ids=removed[:REMOVED_SHOWN], kept=joined.kept,
+            segments=joined.segments, segment_seconds=round(joined.segment_seconds, 3),
+            segment_durations=joined.segment_durations,
         )
         # Last, after the content and both outputs, so its stamp describes them as written
         # (a crash before this leaves the old stamp, which then fails to match: merged again).
@@ -224,7 +231,7 @@ def _join(
     """
     carried = carried or {}
     if carried:
-        files = sorted([*files, *(f for f, _ in carried.values())], key=lambda f: f.id)
+        files = sorted([*files, *(f for f, _ in carried.values())], key=lambda f: line_order(f.id))
     index = load_index(store, folder)
     settings_hash = settings_sha256(expect.tokenizer_settings)
     vouched: dict[Kind, set[str]] = {
@@ -268,6 +275,9 @@ class _Joined:
         self.index: LoadedIndex | None = None  # the slim index as read, and the entries to save
         self.entries: dict[str, IndexEntry] = {}
         self._worst: list[tuple[tuple, dict[str, Any]]] = []  # a bounded heap of the worst flagged clips
+        self.segments = 0  # segment lines of long recordings, their seconds and a few durations
+        self.segment_seconds = 0.0
+        self.segment_durations: list[float] = []
 
     def run(
         self, folder: str, files: list[AudioFile], store: Store, index: LoadedIndex, vouched: dict[Kind, set[str]],
@@ -342,7 +352,14 @@ class _Joined:
                     id=t.id, stage="quality", error=f"quality flags: {', '.join(flags)}; text: {t.text[:120]!r}",
                 ))
                 return False
-        if self.output.with_quality:
+        segment = split_segment_id(t.id)
+        if segment is not None:  # a long recording's segment (issue 22)
+            line = segment_line(t, k, segment, quality_object(t, k) if self.output.with_quality else None)
+            self.segments += 1
+            self.segment_seconds += segment[2] - segment[1]
+            if len(self.segment_durations) < SEGMENT_SAMPLE:
+                self.segment_durations.append(round(segment[2] - segment[1], 3))
+        elif self.output.with_quality:
             line: OutputLine = QualityOutputLine(
                 id=t.id, transcription=t.text, token_array=k.token_array, quality=quality_object(t, k)
             )
@@ -380,6 +397,15 @@ class _Reverse:
 
     def __gt__(self, other: _Reverse) -> bool:
         return self.key < other.key
+
+
+def segment_line(
+    t: Transcription, k: Tokens, segment: tuple[str, float, float], quality: dict[str, Any] | None
+) -> OutputLine:
+    """A segment's line: its id, source id, start and end (seconds in the source), text, tokens."""
+    source_id, start, end = segment
+    fields = dict(id=t.id, source_id=source_id, start=start, end=end, transcription=t.text, token_array=k.token_array)
+    return SegmentOutputLine(**fields) if quality is None else QualitySegmentOutputLine(**fields, quality=quality)
 
 
 def quality_object(t: Transcription, k: Tokens) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
-from tasks.records import Failure, Tokens, Transcription
+from tasks.records import Failure, Tokens, Transcription, split_segment_id
 
 ERRORS_SUFFIX = ".errors"
 
@@ -139,7 +139,13 @@ def reserved_problem(folder: str) -> str | None:
 
 
 def stem_id(file_id: str) -> str:
-    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`: intermediates mirror input paths."""
+    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`: intermediates mirror input paths.
+
+    A segment's id keeps its fragment: `book/ch01.flac#t=1.000,2.500` -> `book/ch01#t=1.000,2.500`.
+    """
+    segment = split_segment_id(file_id)
+    if segment is not None:
+        return f"{stem_id(segment[0])}#t={segment[1]:.3f},{segment[2]:.3f}"
     return str(PurePosixPath(file_id).with_suffix(""))
 
 

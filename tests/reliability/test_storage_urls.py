@@ -63,7 +63,7 @@ def test_memory_roots_plan_threads_and_refuse_a_remote_cluster():
     empty memory filesystem: no audio to read, and their intermediates lost to the merge."""
     plan = cluster_plan(PipelineSettings(audio_root="memory://a", results_root="/tmp/r", n_workers=2), gpus=1)
     assert plan["kind"] == "local" and plan["cluster_kwargs"]["processes"] is False
-    assert cluster_plan(PipelineSettings(audio_root="/a", results_root="/r"), gpus=0)["cluster_kwargs"]["processes"]
+    assert cluster_plan(PipelineSettings(audio_root="/a", results_root="/r", n_workers=2), gpus=0)["cluster_kwargs"]["processes"]
     with pytest.raises(ValueError, match="memory://"):
         cluster_plan(PipelineSettings(audio_root="/a", results_root="memory://r", dask_address="tcp://127.0.0.1:1"))
 
