@@ -482,6 +482,15 @@ def run_report_markdown(
     if stale_folders:
         md += ["", f"**{len(stale_folders)} folder(s) have results but no audio any more** (kept): "
                + ", ".join(f"`{f}`" for f in stale_folders[:20])]
+    removed = sum(r.removed for r in reports)
+    if removed:
+        shown = [x for r in sorted(reports, key=lambda r: r.folder) for x in r.removed_ids][:max_errors]
+        md += ["", f"## Removed: {removed:,} line(s) of earlier runs (first {len(shown)})", "",
+               "| id | why |", "|---|---|"]
+        md += [f"| {_cell(x.id)} | {_cell(_cut(x.reason))} |" for x in shown]
+    kept = sum(r.kept for r in reports)
+    if kept:
+        md += ["", f"- kept: {kept:,} line(s) of files this run did not list (still on the audio root, still valid)"]
     errors = [e for r in sorted(reports, key=lambda r: r.folder) for e in r.errors]
     if errors:
         md += ["", f"## Errors (first {min(max_errors, len(errors))} of {len(errors)})", "",

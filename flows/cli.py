@@ -84,6 +84,9 @@ def _pipeline_options(f):
                      help="Move clips with quality flags to {folder}.errors.jsonl (stage quality)."),
         click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0), default=None,
                      help="Failed files (0..1 of all) a run may have and still exit 0 / end Completed (default 0)."),
+        click.option("--verify-content", is_flag=True, default=None,
+                     help="Add each file's sha256 to its identity (reads every file each run): for files "
+                          "rewritten in place with size and mtime preserved."),
         click.option("--export", "export_formats", default=None,
                      help="Comma-separated formats to export into at the end: lhotse,hf,webdataset,nemo."),
         click.option("--export-root", default=None,
@@ -268,12 +271,19 @@ def _report(state, preview: int) -> int:
         click.echo(f"error: {e}", err=True)
         return 2
     click.echo("")
-    click.echo(f"{'folders':>8} {'files':>7} {'new':>7} {'lines':>7} {'failed':>7} {'flagged':>7} {'audio h':>8}"
-               f" {'files/s':>8}")
+    click.echo(f"{'folders':>8} {'files':>7} {'new':>7} {'lines':>7} {'failed':>7} {'flagged':>7} {'removed':>7}"
+               f" {'audio h':>8} {'files/s':>8}")
     click.echo(
         f"{summary.folders:>8} {summary.files:>7} {summary.new:>7} {summary.lines:>7} {summary.failed:>7}"
-        f" {summary.flagged:>7} {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
+        f" {summary.flagged:>7} {summary.removed:>7} {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
     )
+    if summary.removed:
+        click.echo(f"note: {summary.removed} line(s) of earlier runs were removed from the results:", err=True)
+        for r in summary.removed_ids[:5]:
+            click.echo(f"  {r.id}: {r.reason}", err=True)
+    if summary.kept:
+        click.echo(f"note: {summary.kept} line(s) kept for files this run did not list (still there, still valid)",
+                   err=True)
     if summary.flagged:
         click.echo(f"{summary.flagged} clip(s) carry quality flags: {summary.results_root}/*.jsonl with --with-quality"
                    " shows them; the run's `worst-flagged-clips` artifact lists the worst")
@@ -288,7 +298,10 @@ def _report(state, preview: int) -> int:
     for problem in summary.export_errors:
         click.echo(f"error: {problem}", err=True)
     if summary.failed:
-        click.echo(f"{summary.failed} file(s) failed; see {summary.results_root}/*.errors.jsonl", err=True)
+        where = f"{summary.results_root}/{{folder}}.errors.jsonl"
+        if summary.refused_errors:
+            where += f" and {summary.refused_errors} (refused at discovery)"
+        click.echo(f"{summary.failed} file(s) failed; see {where}", err=True)
         for e in summary.errors[:10]:
             click.echo(f"  {e.id} [{e.stage}] {e.error}", err=True)
     return 1 if state.is_failed() else 0

@@ -126,7 +126,7 @@ def build_plan(
         FileNotFoundError: the audio root does not exist.
     """
     fs, _ = fsspec.url_to_fs(settings.audio_root)
-    listing = listing or scan_audio(settings.audio_root, settings.extensions)
+    listing = listing or scan_audio(settings.audio_root, settings.extensions, verify_content=settings.verify_content)
     store = Store(settings.results_root)
     run_dir = f"{RUNS_DIR}/{run_id}"
     location = store.display(run_dir)

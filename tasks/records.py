@@ -30,7 +30,9 @@ class SourceInfo(Record):
     """What identifies one version of a source file: a changed file is redone, an unchanged one reused."""
 
     size: int
-    mtime: str  # mtime, ETag or creation time as the filesystem reports it; compared, never parsed
+    # Local: mtime in ns; object stores: `etag:{ETag}[@{version}]`; compared, never parsed (`tasks.discover`)
+    mtime: str
+    sha256: str | None = None  # the bytes' hash, only with `verify_content`
 
 
 class AudioFile(Record):
@@ -175,6 +177,13 @@ class StageReport(Record):
     audio_seconds: float = 0.0
 
 
+class RemovedLine(Record):
+    """An id the folder's last merge wrote (a line or an errors line) that this merge did not write, and why."""
+
+    id: str
+    reason: str
+
+
 class FolderReport(Record):
     """What merge wrote for one folder."""
 
@@ -189,6 +198,9 @@ class FolderReport(Record):
     new: int = 0  # lines with an intermediate this run produced (`run_id`); the rest were reused
     flagged: int = 0  # lines whose transcription carries quality flags
     worst: list[dict[str, Any]] = Field(default_factory=list)  # a few flagged clips: id, flags, text
+    removed: int = 0  # ids the last merge wrote that this one did not (`tasks.merge`: why, per id)
+    removed_ids: list[RemovedLine] = Field(default_factory=list)  # the first few of them
+    kept: int = 0  # lines of files this run did not list but that are still on the audio root, kept
     segments: int = 0  # lines that are segments of long recordings (issue 22)
     segment_seconds: float = 0.0  # their audio, in all
     segment_durations: list[float] = Field(default_factory=list)  # the first SEGMENT_SAMPLE of them, for a histogram
@@ -211,6 +223,10 @@ class RunSummary(Record):
     flagged: int = 0
     exports: dict[str, str] = Field(default_factory=dict)  # format -> the directory this run exported it to
     export_errors: list[str] = Field(default_factory=list)  # one line per export that failed or left lines out
+    removed: int = 0  # ids whose line (or errors line) this run's merges removed, with why below
+    removed_ids: list[RemovedLine] = Field(default_factory=list)  # the first few, with why
+    kept: int = 0  # lines kept for files this run did not list (still on the audio root, still valid)
+    refused_errors: str | None = None  # where the files refused at discovery are listed (`_refused.errors.jsonl`)
 
 
 class Segment(Record):
@@ -286,3 +302,10 @@ def folder_of(file_id: str) -> str:
 
 
 ROOT_FOLDER = "_root"
+
+
+def source_id(line_id: str) -> str:
+    """The audio file a JSONL line's id belongs to: the id itself, or for a long recording's
+    segment (`book/ch01.flac#t=12.340,27.100`) its source (`split_segment_id`)."""
+    parts = split_segment_id(line_id)
+    return parts[0] if parts is not None else line_id

@@ -88,6 +88,10 @@ class PipelineSettings(BaseSettings):
     drop_flagged: bool = Field(
         False, description="Move clips with quality flags from the JSONL to `{folder}.errors.jsonl` (stage quality)."
     )
+    verify_content: bool = Field(
+        False, description="Add each audio file's sha256 to its identity (reads every file each run): for files "
+        "rewritten in place with their size and mtime preserved.",
+    )
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Failed files (fraction of all) a run may have and still count as Completed."
     )

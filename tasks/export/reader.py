@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import soundfile as sf
 
-from tasks.storage import Store
+from tasks.storage import Store, jsonl_name
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def iter_lines(results_root: str, token_limit: int = INT64_LIMIT) -> Iterator[Sa
     manifest's dtype, sized to the codebook, and one value past it would fail the whole shard.
     """
     store = Store(results_root)
-    for folder in sorted(store.folders_with_results()):
-        relative = f"{folder}.jsonl"
+    for folder in sorted(store.folders_with_results()):  # the one rule of what a result is (`output_of`)
+        relative = jsonl_name(folder)
         with store.fs.open(store.path(relative), "rb") as f:
             for number, line in enumerate(f, start=1):
                 raw = line.strip()
