@@ -104,8 +104,8 @@ def summarise(samples: dict[str, dict[str, list[float]]]) -> dict:
         out[name] = {kind: {"median_s": round(statistics.median(v), 2), "samples_s": [round(x, 2) for x in v]}
                      for kind, v in runs.items()}
     if "baseline" in out:
-        for name in out:
-            if name != "baseline" and not name.startswith("ratio"):
+        for name in list(out):
+            if name != "baseline":
                 out[f"ratio_baseline_over_{name}"] = {
                     kind: round(out["baseline"][kind]["median_s"] / out[name][kind]["median_s"], 2)
                     for kind in ("first", "rerun")}
