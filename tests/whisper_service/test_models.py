@@ -37,7 +37,8 @@ LOOP_CLIP_TEXTS = {
 LOOP_CLIP_OTHER_DECODINGS = {
     "greedy (beam 1), with or without the fallback ladder, any ISA; the engine's check flags it":
         ("The heat, the back, the back, the back, the back, the back.", ("repetition",)),
-    "beam 2, any ISA; openai-whisper greedy with the fallback ladder": ("The heat, the dark blue background.", ()),
+    "beam 2, any ISA; decoder weights x (1 + 3% Gaussian noise); openai-whisper's default decode":
+        ("The heat, the dark blue background.", ()),
     "beam 3 with CT2_FORCE_CPU_ISA=AVX": ("Blue, the heat, the back, blue, back.", ()),
     "beam 6 with CT2_FORCE_CPU_ISA=GENERIC": ("Move the heat to the back, move back, run", ()),
 }
