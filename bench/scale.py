@@ -7,7 +7,8 @@ peak RSS of the flow process and of its Dask workers, against the real service; 
 home per size gives the database size and the task-run count. Then 10 files are added and the run
 repeated: its wall time and the transcription requests the service saw (from /metrics).
 
-Goals on a 2-core CPU (issue 11): 100k files <= 15 min; flow peak RSS <= 1.5 GB at 100k; task runs
+Goals on a 2-core CPU (issue 11): 5k files <= 110 s (tests/flows/test_scale.py's old bound: the
+test now counts, this times it); 100k files <= 15 min; flow peak RSS <= 1.5 GB at 100k; task runs
 <= ~2 per 1,024 files plus merges; a rerun with 10 new files over 100k <= 60 s and exactly 10
 transcription requests.
 
@@ -240,7 +241,8 @@ def main() -> None:
     write_json(args.out, {
         "benchmark": "scale", "machine": machine(), "corpus": "silent 1 s FLAC hard links, 100 per folder",
         "figures": figures,
-        "goals": {"files_100k_wall_s": 900, "flow_peak_rss_mb_100k": 1536,
+        # files_5k_wall_s: the bound tests/flows/test_scale.py held until issue 19 (`--sizes 5000`).
+        "goals": {"files_5k_wall_s": 110, "files_100k_wall_s": 900, "flow_peak_rss_mb_100k": 1536,
                   "task_runs": "<= 2 per 1,024 files + merges (<= 64)", "rerun_10_new_100k_wall_s": 60,
                   "rerun_10_new_transcription_requests": 10},
     })

@@ -3,14 +3,14 @@
 Before the run plan lived on storage, Prefect refused the subflow run at ~3,000 files (`422 Flow
 run parameters must be less than 524,288 bytes`): every shard and id travelled as a parameter.
 Silent one-second clips (hard links of one FLAC) never reach the Whisper model, and the
-`simulated` tokeniser is cheap, so this measures the pipeline's own cost.
+`simulated` tokeniser is cheap. What is asserted is counted (requests, task runs, parameter
+bytes), never timed: the wall time of the same corpus is `bench/scale.py --sizes 5000` (issue 19).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -38,14 +38,12 @@ def silent_corpus(root, folders: int, per_folder: int) -> None:
             os.link(clip, speaker / f"s{k:03d}_{i:04d}_mic1.flac")
 
 
-def timed_run(audio, results, url):
-    """The flow over `audio` (simulated tokeniser, one worker): its final state and wall seconds."""
-    started = time.monotonic()
-    state = parallel_transcribe_tokenise(
+def run(audio, results, url):
+    """The flow over `audio` (simulated tokeniser, one worker): its final state."""
+    return parallel_transcribe_tokenise(
         audio_root=str(audio), results_root=str(results), service_url=url,
         tokenizer="simulated", n_workers=1, return_state=True,
     )
-    return state, time.monotonic() - started
 
 
 def runs_of(flow_run_id):
@@ -63,7 +61,7 @@ def test_five_thousand_files_with_small_parameters(tmp_path, whisper_service_url
     audio, results = tmp_path / "audio", tmp_path / "results"
     silent_corpus(audio, FOLDERS, PER_FOLDER)
     before = transcribe_requests(whisper_service_url)
-    state, wall = timed_run(audio, results, whisper_service_url)
+    state = run(audio, results, whisper_service_url)
     summary = summary_of(state)
     assert state.is_completed(), state.message
     assert (summary.files, summary.lines, summary.failed) == (FILES, FILES, 0), summary.errors[:3]
@@ -85,19 +83,18 @@ def test_five_thousand_files_with_small_parameters(tmp_path, whisper_service_url
     stage_runs = [n for n in names if n.startswith(("transcribe-shard-", "tokenise-shard-"))]
     assert 2 <= len(stage_runs) <= 2 * (FILES // 1024 + 4)  # shards, not files
     assert len([n for n in names if n.startswith("merge-")]) <= 64
-    print(f"{FILES} files in {wall:.1f} s, {len(task_runs)} task runs")
-    assert wall < 110
+    print(f"{FILES} files: {len(task_runs)} task runs")
 
     # 10 new files in one folder: only that folder gets work (one shard, one merge: 3 task runs).
     clip = audio / "silence.flac.src"
     for i in range(PER_FOLDER, PER_FOLDER + 10):
         os.link(clip, audio / "s007" / f"s007_{i:04d}_mic1.flac")
     before = transcribe_requests(whisper_service_url)
-    state, rerun_wall = timed_run(audio, results, whisper_service_url)
+    state = run(audio, results, whisper_service_url)
     summary = summary_of(state)
     assert (summary.files, summary.lines, summary.new, summary.failed) == (FILES + 10, FILES + 10, 10, 0)
     assert transcribe_requests(whisper_service_url) - before == 10
     assert len((results / "s007.jsonl").read_text().splitlines()) == PER_FOLDER + 10
     _, task_runs = runs_of(state.state_details.flow_run_id)
     assert sorted(t.name for t in task_runs) == ["merge-s007", "tokenise-shard-0", "transcribe-shard-0"]
-    print(f"rerun with 10 new files: {rerun_wall:.1f} s, {len(task_runs)} task runs")
+    print(f"rerun with 10 new files: {len(task_runs)} task runs")

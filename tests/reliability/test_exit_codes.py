@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 
@@ -123,10 +122,8 @@ def test_a_crash_exits_3_with_the_traceback(tmp_path, whisper_service_url, prefe
     nobody = f"tcp://127.0.0.1:{free_port()}"  # no scheduler there: the task runner cannot start
     env = cli_env(prefect_api_url, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
     before = transcribe_requests(whisper_service_url)
-    started = time.monotonic()
     code, output = run_cli(["run", str(audio), "--results", str(tmp_path / "r"), "--service-url", whisper_service_url,
                             "--tokenizer", "simulated", "--dask-address", nobody], env, tmp_path / "crash.log")
     assert code == 3, output
     assert "Traceback (most recent call last)" in output and "error: the run crashed (exit 3)" in output
-    assert transcribe_requests(whisper_service_url) == before
-    assert time.monotonic() - started < 180
+    assert transcribe_requests(whisper_service_url) == before  # crashed before sending anything

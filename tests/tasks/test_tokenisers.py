@@ -144,6 +144,7 @@ def test_rpq_gives_25_tokens_per_second_in_range(
     assert len({t for tokens in rpq_demo.values() for t in tokens}) > 200
 
 
+@pytest.mark.golden
 def test_rpq_batched_equals_one_by_one(
     rpq: Tokeniser, clips: dict[str, np.ndarray], rpq_demo: dict[str, list[int]]
 ) -> None:

@@ -326,12 +326,12 @@ def test_audio_over_30s_is_transcribed_whole_without_blocking(
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_clip, service_url, flac_bytes(audio))
         time.sleep(0.5)  # let the engine start on it
-        started = time.perf_counter()
-        assert httpx.get(f"{service_url}/healthz").status_code == 200
-        health_latency = time.perf_counter() - started
-        busy = not pending.done()
+        answered = 0  # counted, not timed: a loop blocked by the engine answers once, after it
+        while answered < 3 and not pending.done():
+            assert httpx.get(f"{service_url}/healthz").status_code == 200
+            answered += not pending.done()
         body = pending.result().json()
-    assert busy and health_latency < 2.0, "the event loop waited for the engine"
+    assert answered == 3, "the event loop waited for the engine"
     assert body["duration"] == pytest.approx(len(audio) / 16_000, abs=1e-3)
     words = normalise(body["text"])
     reference = [w for c in chosen for w in normalise(c.reference)]

@@ -314,13 +314,11 @@ def test_client_waits_through_429s_without_counting_failures(make_service: MakeS
             # 8 clips, room for 1 in the engine + 1 queued while the gate is shut: some get 429
             wait_until(lambda: metric(url, "whisper_rejected", lane="short") >= 1, "a 429 to the client")
             engine.gate.set()
-            started = time.monotonic()
             bodies = [a.result(timeout=DEADLINE_S) for a in answers]
     finally:
         engine.gate.set()
     assert [b["text"] for b in bodies] == [""] * 8  # every clip answered, with no retry allowed
     assert sorted(engine.seen) == sorted(16_000 + i for i in range(8))
-    assert time.monotonic() - started < 30  # it waited Retry-After, not some long back-off
 
 
 def test_client_gives_up_on_429_after_its_wait_budget(make_service: MakeService, service_engine: Engine,
@@ -341,10 +339,11 @@ def test_client_gives_up_on_429_after_its_wait_budget(make_service: MakeService,
             wait_until(lambda: len(engine.seen) == 1, "the first clip in the (shut) engine")
             busy.append(post(1))
             wait_until(lambda: metric(url, "whisper_queue_depth", lane="short") == 1, "the second clip queued")
-            started = time.monotonic()
+            rejected = metric(url, "whisper_rejected", lane="short")
             with ServiceClient(settings) as client, pytest.raises(ServiceOverloadedError, match="429"):
                 client.transcribe(silent_flac(30_000), "c.flac")
-            assert time.monotonic() - started < 5  # waited its budget (1.5 s), not for ever
+            # Counted, not timed: Retry-After is >= 1 s, so a 1.5 s budget allows 2 to 4 tries.
+            assert 2 <= metric(url, "whisper_rejected", lane="short") - rejected <= 4
             engine.gate.set()
             assert [f.result(timeout=DEADLINE_S).status_code for f in busy] == [200, 200]
     finally:

@@ -135,6 +135,7 @@ def test_alignment_heads_come_from_config_and_match_openai(checkpoint: Path):
     assert model.alignment_heads.to_dense().flatten().tolist() == mask(stored).tolist()
 
 
+@pytest.mark.golden
 def test_greedy_tokens_match_ctranslate2_on_every_demo_clip(ct2_dir, checkpoint, mels, demo_clips):
     actual = openai_greedy(checkpoint, mels)
     expected = ct2_greedy(ct2_dir, mels)
@@ -184,6 +185,7 @@ def _int8_copy(ct2_dir: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.golden
 def test_int8_weights_are_dequantised_like_ctranslate2(ct2_dir, mels, tmp_path):
     int8_dir = _int8_copy(ct2_dir, tmp_path / "int8")
     stored = read_ct2_model(int8_dir / "model.bin").variables

@@ -30,6 +30,7 @@ def picked(demo_clips: list[DemoClip]) -> list[DemoClip]:
     return [c for c in demo_clips if c.id in PICKS]
 
 
+@pytest.mark.golden
 def test_mel_padding_is_transcribes_input(openai_engine: OpenAIWhisperEngine, picked):
     """`log_mel_window(.., "mel")` is what transcribe() feeds the encoder: one batched greedy
     decode of it in timestamp mode gives transcribe()'s text, clip for clip."""

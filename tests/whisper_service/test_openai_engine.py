@@ -50,6 +50,7 @@ def test_default_options_name_what_was_loaded(openai_engine: OpenAIWhisperEngine
     assert (options.beam_size, options.temperatures[0], options.has_fallback) == (1, 0.0, True)
 
 
+@pytest.mark.golden
 def test_golden_transcript(batched: list[Transcript]):
     first = batched[0]
     assert first.text == GOLDEN_P225_001
@@ -67,6 +68,7 @@ def test_one_transcript_per_clip_in_order(batched, demo_clips):
         assert transcript.text and transcript.text == transcript.text.strip()
 
 
+@pytest.mark.golden
 def test_batched_equals_one_at_a_time(openai_engine, batched, demo_clips):
     # One clip per speaker folder (one per voice): a batch-of-1 decode costs nearly as much as
     # the whole 20-clip batch on CPU (each decoder step reads the 80 MB embedding), so all 20
@@ -81,6 +83,7 @@ def test_batched_equals_one_at_a_time(openai_engine, batched, demo_clips):
         assert single.avg_logprob == pytest.approx(batched[i].avg_logprob, abs=1e-3)
 
 
+@pytest.mark.golden
 def test_batched_beam_search_works_and_equals_one_at_a_time(openai_engine, demo_clips):
     """openai-whisper 20250625's decode() crashes on batched beam search (features not repeated
     per beam); the engine's own task repeats them. Two clips: the smallest batch that crashed."""
@@ -103,6 +106,7 @@ def test_forced_fallback_samples_in_batches_and_flags_what_never_passed(openai_e
         assert transcript.flags == ("low_confidence", "fallback_exhausted")
 
 
+@pytest.mark.golden
 def test_prompt_is_honoured(openai_engine, demo_clips):
     prompted = openai_engine.options.for_request(prompt="The birch canoe.")
     [out] = openai_engine.transcribe([demo_clips[0].audio], None, prompted)
