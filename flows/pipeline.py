@@ -31,7 +31,7 @@ from tasks.export.task import run_exports
 from tasks.manifest import write_manifest
 from tasks.merge import merge_folders, merge_group
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
-from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+from tasks.preflight import RunNotStartedError, in_parameter_terms, preflight, settings_or_error
 from tasks.records import FileError, FolderReport, RunSummary
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
@@ -46,6 +46,7 @@ REASON_CHARS = 1000  # a failed task's error as passed to its merge: bounded, li
 def parallel_transcribe_tokenise(
     audio_root: str,
     results_root: str | None = None,
+    results_base: str | None = None,
     service_url: str | None = None,
     tokenizer: str | None = None,
     batch_size: int | None = None,
@@ -65,7 +66,9 @@ def parallel_transcribe_tokenise(
 
     Args:
         audio_root: Local path or fsspec URL of the speaker folders.
-        results_root: Local path or fsspec URL for outputs (default `results`).
+        results_root: Local path or fsspec URL for outputs (default: by the `results_base` rule, else `results`).
+        results_base: When `results_root` is empty: results go to `{results_base}/{name}-{hash}`, one
+            folder per audio root (`tasks.settings.results_root_for`), so one deployment serves many roots.
         service_url: Whisper service base URL (default `http://localhost:8000`).
         tokenizer: rpq (default), simulated or encodec.
         batch_size: Files per batch, one engine call each (default 32).
@@ -78,19 +81,39 @@ def parallel_transcribe_tokenise(
         export_formats: Export the results at the end of the run: any of lhotse, hf, webdataset, nemo.
         export_root: Local directory for those exports, one folder per format (default `{results_root}-exports`).
     """
-    settings = settings_from_parameters(
-        audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
-        batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
-        with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
-        export_formats=export_formats, export_root=export_root,
-    )
-    summary = run_pipeline(settings)
+    try:
+        settings = settings_from_parameters(
+            audio_root=audio_root, results_root=results_root, results_base=results_base, service_url=service_url,
+            tokenizer=tokenizer, batch_size=batch_size, extensions=extensions, dask_address=dask_address,
+            n_workers=n_workers, with_quality=with_quality, drop_flagged=drop_flagged,
+            max_failed_fraction=max_failed_fraction, export_formats=export_formats, export_root=export_root,
+        )
+        if results_root is None and settings.results_base:
+            get_run_logger().info("results root %s (results_base %s, one folder per audio root)",
+                                  settings.results_root, settings.results_base)
+        summary = run_pipeline(settings)
+    except RunNotStartedError as e:
+        return not_started(e)
     if too_many_failed(summary, settings.max_failed_fraction) or summary.export_errors:
         # Returned, not raised: the run ends Failed with this message and no traceback in its log;
         # a direct call raises it, and `summary_of(state)` gives the summary back.
         message = failed_message(summary, settings.max_failed_fraction)
         return Failed(message=message, data=FilesFailedError(message, summary))
     return summary
+
+
+def not_started(error: RunNotStartedError) -> State:
+    """A run that could not start ends Failed with the one-line reason: one ERROR log line, no traceback.
+
+    Named `Refused` when the same run would be refused again (allow-list, owner, bad settings,
+    missing root): the watcher does not announce such a root's files again. A transient cause
+    (the service not reachable) keeps the name `Failed`. The hint names the flow's parameters
+    (`results_root`), as a deployment's caller knows them; a direct call (the CLI) still
+    raises the original error, flags and all.
+    """
+    message = in_parameter_terms(str(error))
+    get_run_logger().error("the run could not start: %s", message)
+    return Failed(name="Failed" if error.transient else "Refused", message=message, data=error)
 
 
 class FilesFailedError(RuntimeError):
