@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from flows.demo import free_port
+from tasks.settings import results_root_for
 from tests.deployments.harness import (
     BIN,
     CLIPS,
@@ -125,7 +126,7 @@ def pg_prefect(postgres, tmp_path_factory) -> Iterator[PrefectServer]:
 class PgDeployment:
     id: str
     allowed: Path
-    results: Path  # the deployment's default results root: triggered runs write there
+    results_base: Path  # the deployment's results_base: a triggered run writes to its root's folder there
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,8 @@ def pg_deployed(pg_prefect, whisper_service_url, tmp_path_factory) -> Iterator[P
     pg_prefect.cli("--no-prompt", "deploy", "--all")
     raw = pg_prefect.request("GET", f"/deployments/name/{DEPLOYMENT}")
     allowed = tmp_path_factory.mktemp("pg-allowed")
-    results = allowed / "results"
-    parameters = {**raw["parameters"], "results_root": str(results), "service_url": whisper_service_url,
+    results_base = allowed / "results"
+    parameters = {**raw["parameters"], "results_base": str(results_base), "service_url": whisper_service_url,
                   "tokenizer": "simulated"}
     pg_prefect.request("PATCH", f"/deployments/{raw['id']}", {
         "parameters": parameters, "job_variables": {"env": {"AUDIO_PIPELINE_ALLOWED_ROOTS": str(allowed)}},
@@ -147,7 +148,7 @@ def pg_deployed(pg_prefect, whisper_service_url, tmp_path_factory) -> Iterator[P
     try:
         wait_until(lambda: pg_prefect.request("GET", f"/work_pools/{POOL}")["status"] == "READY", 120,
                    "the worker to poll the pool", explain=lambda: tail(log))
-        yield PgDeployment(id=raw["id"], allowed=allowed, results=results)
+        yield PgDeployment(id=raw["id"], allowed=allowed, results_base=results_base)
     finally:
         stop(worker)
 
@@ -253,7 +254,7 @@ def test_trigger_latency_from_copy_to_jsonl(pg_deployed, pg_prefect, tmp_path):
     """The shipped trigger (30 s debounce, not shortened here): how long a new file takes to reach its JSONL."""
     root = pg_deployed.allowed / "watched"
     (root / "w1").mkdir(parents=True)
-    jsonl = pg_deployed.results / "w1.jsonl"
+    jsonl = Path(results_root_for(str(root), str(pg_deployed.results_base))) / "w1.jsonl"
     with watcher_process(root, pg_prefect.env(), tmp_path / "watch.log", tmp_path / "watch-state"):
         copied = time.monotonic()
         shutil.copy(CLIPS[0], root / "w1" / "w1_001_mic2.flac")
