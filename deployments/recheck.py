@@ -7,7 +7,7 @@ runs of the pipeline flow over its root that started since the oldest of them:
 
 - a Completed run covers every file announced before it started (the run listed the root
   after those files were complete): they are forgotten;
-- a run that ended `Refused` (allow-list, owner, bad settings: the same run would be refused
+- a Failed run tagged `refused` (allow-list, owner, bad settings: the same run would be refused
   again) also ends the wait, with one ERROR line: its files are not announced again, so a
   refused root is never retried in a loop;
 - if the latest run over the root ended Failed or Crashed and files remain, the newest of them
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 FLOW_NAME = "parallel-transcribe-tokenise"  # flows.pipeline's flow (not imported: the watcher stays light)
 MAX_RETRY_DELAY = timedelta(minutes=30)
 RUNS_PAGE = 200
+REFUSED_TAG = "refused"  # flows.pipeline.REFUSED_TAG
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ class RunSeen:
 
     id: str
     state_type: str  # COMPLETED, FAILED, CRASHED, CANCELLED, RUNNING, ...
-    state_name: str  # `Refused`: the flow's name for a run that would be refused again
+    state_name: str
     message: str
     start_time: datetime
     end_time: datetime | None
+    tags: tuple[str, ...] = ()  # `refused`: the flow's mark for a run that would be refused again
 
     @property
     def final(self) -> bool:
@@ -61,7 +63,7 @@ class RunSeen:
 
     @property
     def refused(self) -> bool:
-        return self.state_type == "FAILED" and self.state_name == "Refused"
+        return self.state_type == "FAILED" and REFUSED_TAG in self.tags
 
     @property
     def retryable(self) -> bool:
@@ -89,7 +91,7 @@ def run_seen(raw: dict) -> RunSeen:
     return RunSeen(
         id=str(raw["id"]), state_type=str(raw.get("state_type") or state.get("type") or ""),
         state_name=str(raw.get("state_name") or state.get("name") or ""), message=str(state.get("message") or ""),
-        start_time=_time(raw["start_time"]), end_time=_time(raw.get("end_time")),
+        start_time=_time(raw["start_time"]), end_time=_time(raw.get("end_time")), tags=tuple(raw.get("tags") or ()),
     )
 
 

@@ -13,6 +13,7 @@ work; a run whose failed files exceed `max_failed_fraction` ends Failed, with th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -102,18 +103,27 @@ def parallel_transcribe_tokenise(
     return summary
 
 
+REFUSED_TAG = "refused"  # deployments.recheck reads it: the watcher does not announce such a run's files again
+
+
 def not_started(error: RunNotStartedError) -> State:
     """A run that could not start ends Failed with the one-line reason: one ERROR log line, no traceback.
 
-    Named `Refused` when the same run would be refused again (allow-list, owner, bad settings,
-    missing root): the watcher does not announce such a root's files again. A transient cause
-    (the service not reachable) keeps the name `Failed`. The hint names the flow's parameters
-    (`results_root`), as a deployment's caller knows them; a direct call (the CLI) still
-    raises the original error, flags and all.
+    Tagged `refused` when the same run would be refused again (allow-list, owner, bad settings,
+    missing root): the watcher does not announce such a root's files again; a transient cause
+    (the service not reachable) is not tagged. The state keeps the name Failed, so automations
+    on Failed runs fire. The hint names the flow's parameters (`results_root`), as a
+    deployment's caller knows them; a direct call (the CLI) still raises the original error.
     """
     message = in_parameter_terms(str(error))
     get_run_logger().error("the run could not start: %s", message)
-    return Failed(name="Failed" if error.transient else "Refused", message=message, data=error)
+    context = FlowRunContext.get()
+    if not error.transient and context and context.flow_run and context.client:
+        try:
+            context.client.update_flow_run(context.flow_run.id, tags=[*context.flow_run.tags, REFUSED_TAG])
+        except Exception as e:  # noqa: BLE001 (a missing tag costs a watcher's bounded retries, not the run)
+            get_run_logger().debug("could not tag the run %s: %s", REFUSED_TAG, e)
+    return Failed(message=message, data=error)
 
 
 class FilesFailedError(RuntimeError):
@@ -125,6 +135,21 @@ class FilesFailedError(RuntimeError):
 
     def __reduce__(self):  # picklable with its summary (Prefect may persist the state's data)
         return type(self), (str(self), self.summary)
+
+
+class OneLineFailures(logging.Filter):
+    """Drops the engine's traceback for a run that ended Failed by design (could not start, too many
+    files failed). Prefect 3.9's engine process re-raises a returned Failed state's exception and
+    logs it as "Engine execution exited with unexpected exception" with the whole chain (~80
+    lines); the reason is already the state's message and one ERROR line of the flow's own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (RunNotStartedError, FilesFailedError))
+
+
+if not any(isinstance(f, OneLineFailures) for f in logging.getLogger("prefect.flow_runs").filters):
+    logging.getLogger("prefect.flow_runs").addFilter(OneLineFailures())
 
 
 def settings_from_parameters(**parameters: object) -> PipelineSettings:

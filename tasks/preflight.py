@@ -30,7 +30,7 @@ class RunNotStartedError(RuntimeError):
     """The run could not start; nothing was scheduled. The message is one line saying why.
 
     `transient` is False: the same run will be refused again until someone changes the setup
-    (a deployment marks such a run `Refused` and the watcher does not announce its files again).
+    (a deployment's run is tagged `refused`, and the watcher does not announce its files again).
     """
 
     transient = False

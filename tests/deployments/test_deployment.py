@@ -314,8 +314,10 @@ def test_an_event_cannot_make_the_deployment_read_outside_its_allowed_roots(
     assert run["parameters"]["audio_root"] == str(outside)
     assert "results_root" not in run["parameters"]  # the payload's is ignored
     assert run["parameters"]["results_base"] == str(deployed.results_base)
-    # Refused (the same run would be refused again: the watcher does not announce it again), in one line.
-    assert (run["state_type"], run["state_name"]) == ("FAILED", "Refused"), run["state"]
+    # Failed, tagged refused (the same run would be refused again: the watcher does not announce
+    # its files again), in one line.
+    assert (run["state_type"], run["state_name"]) == ("FAILED", "Failed"), run["state"]
+    assert "refused" in prefect_server.request("GET", f"/flow_runs/{run['id']}")["tags"]
     message = run["state"]["message"]
     assert message.startswith(f"audio root {str(outside)!r} is outside the allowed roots"), run["state"]
     assert "\n" not in message
@@ -392,6 +394,7 @@ def test_files_announced_while_the_service_was_down_get_their_lines_by_themselve
             failed = runs_over(prefect_server, deployed.id, root.resolve(), 1)[0]
             assert (failed["state_type"], failed["state_name"]) == ("FAILED", "Failed"), failed["state"]
             assert "not reachable" in failed["state"]["message"] and "service_url" in failed["state"]["message"]
+            assert "refused" not in failed["tags"]  # it may work later: the watcher announces its files again
             with TcpForwarder(proxy_port, service_port):  # the service is back; nobody starts a run
                 runs = runs_over(prefect_server, deployed.id, root.resolve(), 2)
             assert "announcing its 2 file(s) again (1 of 6)" in log.read_text(), tail(log)

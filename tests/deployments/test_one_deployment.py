@@ -11,11 +11,17 @@ import os
 import re
 
 import pytest
+from prefect.client.orchestration import get_client
 
 from flows.demo import free_port
 from flows.pipeline import parallel_transcribe_tokenise
 from tasks.preflight import RunNotStartedError, check_roots, in_parameter_terms, settings_or_error
 from tasks.settings import PipelineSettings, results_root_for
+
+def tags_of(state) -> list[str]:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).tags
+
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+-[0-9a-f]{12}$")
 
@@ -76,9 +82,10 @@ def test_a_run_that_cannot_start_ends_failed_with_its_reason(prefect_harness, tm
     outside.mkdir()
     monkeypatch.setenv("AUDIO_PIPELINE_ALLOWED_ROOTS", str(audio))
     state = parallel_transcribe_tokenise(audio_root=str(outside), results_base=str(audio / "r"), return_state=True)
-    assert state.is_failed() and state.name == "Refused", state
+    assert state.is_failed() and state.name == "Failed", state
     assert state.message.startswith(f"audio root {str(outside)!r} is outside the allowed roots"), state.message
     assert "\n" not in state.message
+    assert "refused" in tags_of(state)  # the watcher does not announce this root's files again
     with pytest.raises(RunNotStartedError, match="outside the allowed roots"):  # a direct call raises it
         parallel_transcribe_tokenise(audio_root=str(outside))
 
@@ -88,12 +95,13 @@ def test_a_run_that_cannot_start_ends_failed_with_its_reason(prefect_harness, tm
     results.mkdir()
     (results / "_owner.json").write_text(json.dumps({"audio_root": "/elsewhere"}))
     state = parallel_transcribe_tokenise(audio_root=str(audio), results_root=str(results), return_state=True)
-    assert state.name == "Refused" and "use another results_root" in state.message, state.message
+    assert state.is_failed() and "use another results_root" in state.message, state.message
 
-    # The service down: the same run may work later, so the state keeps the name Failed.
+    # The service down: the same run may work later (not tagged refused: test_deployment.py).
     url = f"http://127.0.0.1:{free_port()}"
     state = parallel_transcribe_tokenise(audio_root=str(audio), results_base=str(tmp_path / "by-root"),
                                          service_url=url, return_state=True)
     assert state.is_failed() and state.name == "Failed", state
     assert "not reachable" in state.message and "service_url" in state.message, state.message
+    assert "refused" not in tags_of(state)
     assert not (tmp_path / "by-root").exists()  # a run that cannot start writes nothing

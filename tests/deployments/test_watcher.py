@@ -308,9 +308,9 @@ def _announce(confirm: Confirmations, at: datetime, *ids: str) -> None:
                             payload={"id": i}) for i in ids)
 
 
-def _run(name: str, state: str, start: datetime, seconds: float = 10, state_name: str | None = None,
+def _run(name: str, state: str, start: datetime, seconds: float = 10, tags: tuple[str, ...] = (),
          message: str = "") -> RunSeen:
-    return RunSeen(id=name, state_type=state, state_name=state_name or state.title(), message=message,
+    return RunSeen(id=name, state_type=state, state_name=state.title(), message=message, tags=tags,
                    start_time=start, end_time=start + timedelta(seconds=seconds) if state != "RUNNING" else None)
 
 
@@ -343,7 +343,7 @@ def test_a_refused_run_is_not_retried_and_retries_end(caplog):
     s = timedelta(seconds=1)
     confirm = Confirmations(Path("/data/audio"), retry_s=0, retries=1)
     _announce(confirm, t0, "p1/a.flac")
-    refused = _run("r1", "FAILED", t0 + 40 * s, state_name="Refused", message="audio root '/data/audio' is outside")
+    refused = _run("r1", "FAILED", t0 + 40 * s, tags=("audio-pipeline", "refused"), message="audio root '/data/audio' is outside")
     assert confirm.update([refused], t0 + 100 * s) is None
     assert not confirm.pending and "was refused (audio root '/data/audio' is outside)" in caplog.text
     # Cancelled by a person: left alone. Failing again and again: bounded.
