@@ -6,7 +6,8 @@ string), the Prefect CLI as a user types it, a `prefect worker start` subprocess
 `schedule_after` (30 s in prefect.yaml, 10 s here), then the flow takes ~20-40 s on a loaded
 2-core machine, so the slow tests share one corpus and run in file order: the watcher through an
 outage, deploy, a manual run, runs started by new files, a run an event points outside the
-allowed roots, and last a SIGKILLed run (its automation must not outlive it: it would crash the
+allowed roots, the demo and two watched roots through the one deployment (each into its own
+results folder), files of a run failed by a service outage announced again, and last a SIGKILLed run (its automation must not outlive it: it would crash the
 other runs, which send heartbeats only every 180 s).
 """
 
