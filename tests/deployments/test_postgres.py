@@ -250,6 +250,7 @@ def test_the_same_run_on_an_external_dask_cluster(pg_deployed, pg_prefect, postg
 
 
 @pytest.mark.soak  # a 30 s debounce plus a Dask start: minutes; the trigger itself runs in test_deployment.py
+@pytest.mark.timeout(1800)  # PostgreSQL, a fresh server's migrations, the deployment, then three measurements
 def test_trigger_latency_from_copy_to_jsonl(pg_deployed, pg_prefect, tmp_path):
     """The shipped trigger (30 s debounce, not shortened here): how long a new file takes to reach its
     JSONL, three times in a row (each copy once the previous file has its line: one run each), into a
@@ -268,5 +269,6 @@ def test_trigger_latency_from_copy_to_jsonl(pg_deployed, pg_prefect, tmp_path):
             wait_until(lambda: jsonl.exists() and jsonl_ids(jsonl) == [f"{folder}/{folder}_001_mic2.flac"], 600,
                        "the new file's line", every=0.5, explain=lambda: tail(pg_prefect.home / "worker.log"))
             latencies.append(round(time.monotonic() - copied, 1))
+            print(f"\ncopy to line: {latencies[-1]} s (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(f"\nfigures: {json.dumps({'copy_to_jsonl_s': latencies, 'loadavg': os.getloadavg()})}")
     assert min(latencies) >= 30  # the run is scheduled after the trigger's 30 s window, never sooner
