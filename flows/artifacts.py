@@ -44,6 +44,7 @@ FOLDERS_KEY, RUN_REPORT_KEY, PROGRESS_KEY = "folders", "run-report", "progress"
 WORST_KEY = "worst-flagged-clips"
 WORST_ROWS = 50  # rows of the run-level table of flagged clips, whatever the number of folders
 DURATIONS_KEY, QUALITY_KEY = "clip-durations", "clip-quality"
+SEGMENTS_KEY = "segment-durations"  # long recordings cut into segments (issue 22)
 REPORT_DIR = "_report"  # beside the folders' JSONL: holds no .jsonl, so no folder is mistaken for it
 TEXT_CHARS = 160  # of a transcription in a table cell
 # Quality fields plotted when present: (field, title, x-axis unit).
@@ -144,6 +145,8 @@ def publish_run_artifacts(
     with _guard("the plots"):
         clips = plot_clips(reports, store, audio_root=audio_root, max_clips=max_plot_clips)
         out.plots = publish_plots(clips, store, sampled_from=sum(r.lines for r in reports))
+    with _guard("the segment durations"):
+        out.plots += publish_segment_plot(reports, store)
     worst_shown = 0
     with _guard("the worst flagged clips"):
         rows = worst_rows(reports, store, limit=max_worst_rows)
@@ -172,6 +175,8 @@ def folder_rows(reports: Sequence[FolderReport]) -> list[dict[str, Any]]:
             "lines": r.lines, "failed": failed, "flagged": r.flagged,
             "changed": "yes" if r.changed else "no", "jsonl": r.jsonl,
         })
+        if any(x.segments for x in reports):  # long recordings were cut: say how much (issue 22)
+            rows[-1].update(segments=r.segments, segmented_hours=round(r.segment_seconds / 3600, 4))
     return rows
 
 
@@ -414,6 +419,27 @@ def publish_plots(clips: Sequence[Clip], store: Store, sampled_from: int) -> lis
     return plots
 
 
+def segment_panel(reports: Sequence[FolderReport]) -> Panel | None:
+    """Durations of the segments long recordings were cut into (a bounded sample per folder)."""
+    values = [d for r in reports for d in r.segment_durations]
+    return Panel("Segment duration", "seconds", values) if values else None
+
+
+def publish_segment_plot(reports: Sequence[FolderReport], store: Store) -> list[Plot]:
+    """A histogram of segment durations, beside the clip plots; none when nothing was segmented."""
+    panel = segment_panel(reports)
+    if panel is None:
+        return []
+    note = f"{len(panel.values):,} of {sum(r.segments for r in reports):,} segments"
+    png = histogram_png([panel], columns=1, note=note)
+    relative = f"{REPORT_DIR}/segments.png"
+    store.write_bytes(relative, png)
+    path, url = store.display(relative), data_url(png)
+    title = "Segment durations"
+    artifact = create_image_artifact(image_url=url, key=SEGMENTS_KEY, description=f"{title} ({note}); PNG at {path}")
+    return [Plot(key=SEGMENTS_KEY, title=title, path=path, url=url, artifact=artifact)]
+
+
 def run_report_markdown(
     reports: Sequence[FolderReport], store: Store, wall_seconds: float, audio_root: str | None,
     exports: Sequence[tuple[str, str]], stale_folders: Sequence[str], plots: Sequence[Plot] = (),
@@ -442,6 +468,10 @@ def run_report_markdown(
         if worst_shown:
             line += f"; the {worst_shown} worst are in the table `{WORST_KEY}` (id, flags, scores, text)"
         md.append(line)
+    if segments := sum(r.segments for r in reports):
+        hours = sum(r.segment_seconds for r in reports) / 3600
+        md.append(f"- segments: **{segments:,} lines are segments of long recordings** ({hours:.3f} segmented hours; "
+                  f"ids `source#t=start,end`, per folder in the `{FOLDERS_KEY}` table)")
     if audio_root:
         md.append(f"- audio: `{audio_root}`")
     for plot in plots:
@@ -452,6 +482,15 @@ def run_report_markdown(
     if stale_folders:
         md += ["", f"**{len(stale_folders)} folder(s) have results but no audio any more** (kept): "
                + ", ".join(f"`{f}`" for f in stale_folders[:20])]
+    removed = sum(r.removed for r in reports)
+    if removed:
+        shown = [x for r in sorted(reports, key=lambda r: r.folder) for x in r.removed_ids][:max_errors]
+        md += ["", f"## Removed: {removed:,} line(s) of earlier runs (first {len(shown)})", "",
+               "| id | why |", "|---|---|"]
+        md += [f"| {_cell(x.id)} | {_cell(_cut(x.reason))} |" for x in shown]
+    kept = sum(r.kept for r in reports)
+    if kept:
+        md += ["", f"- kept: {kept:,} line(s) of files this run did not list (still on the audio root, still valid)"]
     errors = [e for r in sorted(reports, key=lambda r: r.folder) for e in r.errors]
     if errors:
         md += ["", f"## Errors (first {min(max_errors, len(errors))} of {len(errors)})", "",

@@ -84,10 +84,16 @@ def _pipeline_options(f):
                      help="Move clips with quality flags to {folder}.errors.jsonl (stage quality)."),
         click.option("--max-failed-fraction", type=click.FloatRange(0.0, 1.0), default=None,
                      help="Failed files (0..1 of all) a run may have and still exit 0 / end Completed (default 0)."),
+        click.option("--verify-content", is_flag=True, default=None,
+                     help="Add each file's sha256 to its identity (reads every file each run): for files "
+                          "rewritten in place with size and mtime preserved."),
         click.option("--export", "export_formats", default=None,
                      help="Comma-separated formats to export into at the end: lhotse,hf,webdataset,nemo."),
         click.option("--export-root", default=None,
                      help="Local directory for those exports, one folder per format (default RESULTS-exports)."),
+        click.option("--segment-over", "segment_over_s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Cut files longer than SECONDS into speech segments, one line each (default 30)."),
+        click.option("--no-segment", is_flag=True, default=None, help="Keep every file whole, however long."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -120,12 +126,18 @@ def run(audio_root: str, **flags) -> None:
 @click.option("--port", type=int, default=0, help="Service port (0: a free one).")
 def demo(results_root: str, port: int) -> None:
     """Start the Whisper service, run the flow on the bundled demo corpus, show results, stop."""
-    from flows.demo import local_service
+    from flows.demo import demo_corpus, local_service
+    from flows.prefect_api import prefect_api
+    from tasks.settings import PipelineSettings
 
+    # The bundled clips plus one long recording built from them, so the output shows segments.
+    audio_root = demo_corpus(DEMO_DATA / "audio", Path(f"{results_root.rstrip('/')}-demo-audio"))
+    settings = PipelineSettings(audio_root=str(audio_root), results_root=results_root)
     click.echo("starting the Whisper service on 127.0.0.1 (bundled tiny.en, offline)...")
-    with local_service(port=port) as url:
+    # The local Prefect server (when no API is configured) starts beside the service.
+    with prefect_api(settings.prefect_server, settings.prefect_server_idle_s), local_service(port=port) as url:
         code = _run_and_report(
-            audio_root=str(DEMO_DATA / "audio"), results_root=results_root, service_url=url, preview=3
+            audio_root=str(audio_root), results_root=results_root, service_url=url, preview=3
         )
     sys.exit(code)
 
@@ -206,7 +218,7 @@ def _run_and_report(preview: int = 0, **parameters) -> int:
 
 
 def _run(preview: int, **parameters) -> int:
-    from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+    from tasks.preflight import RunNotStartedError, check_roots, preflight, settings_or_error
 
     # None (and an unset on/off flag): not given, so the environment or the default decides.
     parameters = {k: v for k, v in parameters.items() if v is not None and v is not False}
@@ -215,28 +227,63 @@ def _run(preview: int, **parameters) -> int:
     for name in ("extensions", "export_formats"):
         if name in parameters:
             parameters[name] = parameters[name].split(",")
+    segmentation = {k: parameters.pop(k) for k in ("segment_over_s", "no_segment") if k in parameters}
+    if segmentation:  # one nested settings group (`SegmentOptions`), as the flow takes it
+        parameters["segmentation"] = segmentation
+    from flows.prefect_api import prefect_api
+
+    # Here, before the flow: a run that cannot start says so in one line (exit 2). The flow checks
+    # again (deployment runs come through it alone) and claims the results root.
     try:
-        # Here, before Prefect starts: a run that cannot start says so in one line (exit 2).
-        # The flow checks again (deployment runs come through it alone) and claims the results root.
-        preflight(settings_or_error(**parameters))
+        settings = settings_or_error(**parameters)
+        check_roots(settings)  # milliseconds: a mistyped root costs no Prefect server
     except RunNotStartedError as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    from flows.pipeline import parallel_transcribe_tokenise, summary_of
+    # The temporary Prefect server (when no API is configured) starts now, on the other core,
+    # while this process asks the service and imports the flow: not after, as Prefect would.
+    with prefect_api(settings.prefect_server, settings.prefect_server_idle_s) as server:
+        try:
+            preflight(settings)
+        except RunNotStartedError as e:
+            click.echo(f"error: {e}", err=True)
+            return 2
+        from flows.pipeline import parallel_transcribe_tokenise
 
-    state = parallel_transcribe_tokenise(**parameters, return_state=True)
+        if server is not None:
+            server.wait_ready()
+            if server.process is not None and settings.prefect_server == "keep":
+                click.echo(f"started a local Prefect server at {server.api_url}, kept for the next run: it stops after "
+                           f"{settings.prefect_server_idle_s:.0f} s without a request "
+                           "(AUDIO_PIPELINE_PREFECT_SERVER=temporary: one per run)", err=True)
+        state = parallel_transcribe_tokenise(**parameters, return_state=True)
+        return _report(state, preview)
+
+
+def _report(state, preview: int) -> int:
+    """Print the run's summary (or its one-line refusal); returns the exit code."""
+    from flows.pipeline import summary_of
+    from tasks.preflight import RunNotStartedError
+
     try:
         summary = summary_of(state)
     except RunNotStartedError as e:  # e.g. the audio root vanished between the checks
         click.echo(f"error: {e}", err=True)
         return 2
     click.echo("")
-    click.echo(f"{'folders':>8} {'files':>7} {'new':>7} {'lines':>7} {'failed':>7} {'flagged':>7} {'audio h':>8}"
-               f" {'files/s':>8}")
+    click.echo(f"{'folders':>8} {'files':>7} {'new':>7} {'lines':>7} {'failed':>7} {'flagged':>7} {'removed':>7}"
+               f" {'audio h':>8} {'files/s':>8}")
     click.echo(
         f"{summary.folders:>8} {summary.files:>7} {summary.new:>7} {summary.lines:>7} {summary.failed:>7}"
-        f" {summary.flagged:>7} {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
+        f" {summary.flagged:>7} {summary.removed:>7} {summary.audio_hours:>8.3f} {summary.files_per_second:>8.2f}"
     )
+    if summary.removed:
+        click.echo(f"note: {summary.removed} line(s) of earlier runs were removed from the results:", err=True)
+        for r in summary.removed_ids[:5]:
+            click.echo(f"  {r.id}: {r.reason}", err=True)
+    if summary.kept:
+        click.echo(f"note: {summary.kept} line(s) kept for files this run did not list (still there, still valid)",
+                   err=True)
     if summary.flagged:
         click.echo(f"{summary.flagged} clip(s) carry quality flags: {summary.results_root}/*.jsonl with --with-quality"
                    " shows them; the run's `worst-flagged-clips` artifact lists the worst")
@@ -251,7 +298,10 @@ def _run(preview: int, **parameters) -> int:
     for problem in summary.export_errors:
         click.echo(f"error: {problem}", err=True)
     if summary.failed:
-        click.echo(f"{summary.failed} file(s) failed; see {summary.results_root}/*.errors.jsonl", err=True)
+        where = f"{summary.results_root}/{{folder}}.errors.jsonl"
+        if summary.refused_errors:
+            where += f" and {summary.refused_errors} (refused at discovery)"
+        click.echo(f"{summary.failed} file(s) failed; see {where}", err=True)
         for e in summary.errors[:10]:
             click.echo(f"  {e.id} [{e.stage}] {e.error}", err=True)
     return 1 if state.is_failed() else 0

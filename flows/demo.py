@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -80,3 +82,39 @@ def local_service(port: int = 0, timeout_s: float = 180.0, extra_args: tuple[str
     """The demo's service: `service_process` with this environment; yields its URL."""
     with service_process(port, timeout_s=timeout_s, extra_args=extra_args) as service:
         yield service.url
+
+
+DEMO_LONG_ID = "book/demo_long.flac"  # a long recording in the demo, so its output shows segments (issue 22)
+
+
+def demo_corpus(bundled: Path, target: Path, pauses: tuple[float, float] = (0.4, 1.4)) -> Path:
+    """The demo's audio root: the bundled clips (linked, or copied where links fail) plus
+    `book/demo_long.flac`, every bundled clip read one after another with pauses (~80 s at 16 kHz:
+    over the 30 s threshold, so the demo cuts it into segments). Built once, then reused, so
+    the demo's results root keeps one audio root (`_owner.json`)."""
+    import numpy as np
+    import soundfile as sf
+
+    clips = sorted(bundled.rglob("*.flac"))
+    for clip in clips:
+        dest = target / clip.relative_to(bundled)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(clip, dest)
+            except OSError:
+                shutil.copyfile(clip, dest)
+    long_path = target / DEMO_LONG_ID
+    if not long_path.exists():
+        rng = np.random.default_rng(22)
+        parts = []
+        for clip in clips:
+            audio, rate = sf.read(clip, dtype="float32")
+            if rate != 16_000 or audio.ndim != 1:
+                raise ValueError(f"demo clip {clip} is not 16 kHz mono")
+            parts += [audio, np.zeros(int(rng.uniform(*pauses) * rate), np.float32)]
+        long_path.parent.mkdir(parents=True, exist_ok=True)
+        temp = long_path.with_suffix(".tmp.flac")
+        sf.write(temp, np.concatenate(parts), 16_000, format="FLAC", subtype="PCM_16")
+        os.replace(temp, long_path)
+    return target

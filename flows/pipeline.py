@@ -18,9 +18,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-import dask
-from prefect import flow, get_run_logger
+from prefect import allow_failure, flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Failed, State
@@ -30,10 +30,11 @@ from flows.runner import GPU_RESOURCE, PipelineTaskRunner, uses_gpu_resources, w
 from flows.watchdog import NoWorkersWatchdog, finished
 from tasks.export.task import run_exports
 from tasks.manifest import write_manifest
-from tasks.merge import merge_folders, merge_group
+from tasks.merge import REMOVED_SHOWN, merge_folders, merge_group, write_refused
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
 from tasks.preflight import RunNotStartedError, in_parameter_terms, preflight, settings_or_error
 from tasks.records import FileError, FolderReport, RunSummary
+from tasks.segments import segment_task
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
 from tasks.tokenise import tokenise_shard
@@ -59,6 +60,8 @@ def parallel_transcribe_tokenise(
     max_failed_fraction: float | None = None,
     export_formats: list[str] | None = None,
     export_root: str | None = None,
+    verify_content: bool | None = None,
+    segmentation: dict[str, Any] | None = None,
 ) -> RunSummary | State:
     """Transcribe and tokenise every audio file under `audio_root` into `{results_root}/{folder}.jsonl`.
 
@@ -81,6 +84,9 @@ def parallel_transcribe_tokenise(
         max_failed_fraction: Failed files (0..1 of all) the run may have and still end Completed (default 0).
         export_formats: Export the results at the end of the run: any of lhotse, hf, webdataset, nemo.
         export_root: Local directory for those exports, one folder per format (default `{results_root}-exports`).
+        verify_content: Add each audio file's sha256 to its identity, for files rewritten in place with
+            their times preserved (reads every file at every run; default false).
+        segmentation: Long recordings (`SegmentOptions`): e.g. {"segment_over_s": 60} or {"no_segment": true}.
     """
     try:
         settings = settings_from_parameters(
@@ -88,6 +94,7 @@ def parallel_transcribe_tokenise(
             tokenizer=tokenizer, batch_size=batch_size, extensions=extensions, dask_address=dask_address,
             n_workers=n_workers, with_quality=with_quality, drop_flagged=drop_flagged,
             max_failed_fraction=max_failed_fraction, export_formats=export_formats, export_root=export_root,
+            verify_content=verify_content, segmentation=segmentation,
         )
         if results_root is None and settings.results_base:
             get_run_logger().info("results root %s (results_base %s, one folder per audio root)",
@@ -237,7 +244,18 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
             "speakers were removed on purpose): %s", len(stale), settings.audio_root,
             ", ".join(f"{f}.jsonl" for f in stale[:10]),
         )
+    refused_at = write_refused(store, refused)  # outlives the plan, which later runs prune
     summary = summarise(reports, settings, time.monotonic() - started, stale, refused)
+    summary = summary.model_copy(update={"refused_errors": refused_at})
+    if summary.removed:
+        logger.warning(
+            "%d line(s) written by earlier runs are gone from the results (their files were not listed "
+            "by this run and are gone, or no longer match it): %s", summary.removed,
+            "; ".join(f"{r.id}: {r.reason}" for r in summary.removed_ids[:5]),
+        )
+    if summary.kept:
+        logger.info("%d line(s) kept for files this run did not list (still on the audio root, still valid)",
+                    summary.kept)
     manifest = write_manifest(
         settings.results_root, settings=settings, health=checked.health, summary=summary, run_id=run_id,
         tokenizer_settings=provenance.tokenizer_settings,
@@ -261,13 +279,19 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
 
 def process_plan(plan: RunPlan, settings: PipelineSettings, progress: Progress) -> list[FolderReport]:
     """Submit both stages per shard, each group's merge once its shards are done; collect reports."""
+    import dask  # here, not at import: a rerun with nothing to do never loads Dask
+
     logger = get_run_logger()
     gpu = uses_gpu_resources(settings)
     stage_futures: dict[str, PrefectFuture] = {}
+    # Long recordings: the VAD tasks first; a shard of their segments waits for them (and runs
+    # even if one failed: it then finds no segment list, and merge reports that file).
+    segmenting = [segment_task.submit(plan.location, j, settings) for j in range(plan.segment_tasks)]
     for i in range(plan.shards):
-        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings)
+        after = [allow_failure(segmenting[j]) for j in plan.long_shards.get(i, [])] or None
+        stage_futures[f"transcribe-{i}"] = transcribe_shard.submit(plan.location, i, settings, wait_for=after)
         with dask.annotate(resources={GPU_RESOURCE: 1}) if gpu else contextlib.nullcontext():
-            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings)
+            stage_futures[f"tokenise-{i}"] = tokenise_shard.submit(plan.location, i, settings, wait_for=after)
     key_of = {f.task_run_id: key for key, f in stage_futures.items()}
     waiting = {g.index: {f"{s}-{i}" for i in g.shards for s in STAGES} for g in plan.groups}
     failed: dict[str, str] = {}
@@ -392,4 +416,7 @@ def summarise(
         wall_seconds=wall_seconds, files_per_second=files / wall_seconds if wall_seconds > 0 else 0.0,
         results_root=settings.results_root, errors=errors, stale_folders=list(stale_folders),
         new=sum(r.new for r in reports), flagged=sum(r.flagged for r in reports),
+        removed=sum(r.removed for r in reports),
+        removed_ids=[x for r in reports for x in r.removed_ids][:REMOVED_SHOWN],
+        kept=sum(r.kept for r in reports),
     )

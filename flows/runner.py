@@ -4,7 +4,8 @@
 - GPUs visible: `dask_cuda.LocalCUDACluster`, one worker per GPU (it honours
   CUDA_VISIBLE_DEVICES), a `GPU` resource so each GPU runs one tokenisation task at a time,
   and a few threads per worker so HTTP-bound transcription runs beside it.
-- otherwise: a plain `LocalCluster`.
+- otherwise: a plain `LocalCluster`; its workers are threads of this process when there is one
+  (the default on 2-3 cores), processes when there are several.
 LocalCUDACluster raises NVMLError on a machine without a GPU, so we detect first.
 
 Workers import the task modules (torch, Prefect) when they start (`preload` of `tasks.worker`),
@@ -25,11 +26,15 @@ import contextlib
 import os
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from fsspec.core import split_protocol
 from prefect.task_runners import TaskRunner
-from prefect_dask import DaskTaskRunner
 
 from tasks.settings import PipelineSettings
+
+if TYPE_CHECKING:  # imported when a cluster is made: a rerun with nothing to do never loads Dask
+    from prefect_dask import DaskTaskRunner
 
 GPU_RESOURCE = "GPU"
 WORKER_PRELOAD = ("tasks.worker",)  # see the module docstring
@@ -90,21 +95,30 @@ def cluster_plan(settings: PipelineSettings, gpus: int | None = None) -> dict[st
             },
         }
     n_workers = settings.n_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+    # One local worker runs as threads of this process: a worker process would only add its
+    # start-up (a Python, Prefect and torch imported again: ~9 s of CPU before the first task on
+    # a 2-core machine) and a second copy of those modules in memory; with several, processes
+    # let tokenising and merging use every core past the GIL.
+    processes = not in_process and n_workers > 1
     return {
         "kind": "local",
         "cluster_class": "distributed.LocalCluster",
         "cluster_kwargs": {
             "n_workers": n_workers,
             "threads_per_worker": settings.threads_per_worker,
-            "processes": not in_process,
+            "processes": processes,
             "dashboard_address": None,
             "scheduler_kwargs": dict(NO_DASHBOARD),
-            "preload": list(WORKER_PRELOAD),
+            # Threads of this process import the task modules as the flow does (no event loop
+            # to block while unpickling); a preload there would only delay the cluster's start.
+            **({"preload": list(WORKER_PRELOAD)} if processes else {}),
         },
     }
 
 
 def make_task_runner(settings: PipelineSettings, gpus: int | None = None) -> DaskTaskRunner:
+    from prefect_dask import DaskTaskRunner
+
     plan = cluster_plan(settings, gpus)
     if plan["kind"] == "existing":
         return DaskTaskRunner(address=plan["address"])

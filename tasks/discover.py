@@ -11,12 +11,20 @@ held as a small `Listed` tuple until `tasks.plan` packs it into a shard on stora
 An id is a path under the results root too (`transcriptions/{id}.json`, `{folder}.jsonl`), so
 ids that could escape it or collide are refused here, each as an error of its own (issue 13):
 `..`/`.`/empty segments, absolute paths, control characters, names that are not valid UTF-8,
-and folders named `*.errors` (their JSONL would be another folder's errors file).
+folders named `*.errors` (their JSONL would be another folder's errors file), and folders whose
+outputs would land among the results root's internal files (`tasks.storage.reserved_problem`).
+
+A file's source identity (`SourceInfo`: what tells a changed file from an unchanged one) is its
+size plus, on a local disk, its mtime in nanoseconds; on an object store, its ETag (and version id
+where the store reports one), which changes with every PUT even within the same second, unlike
+`LastModified`. With `verify_content` the sha256 of its bytes is added, for files rewritten in
+place with their times preserved (every file is read at every run: opt-in).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -25,12 +33,14 @@ import stat
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.records import ROOT_FOLDER, AudioFile, Batch, FileError, Shard, SourceInfo, folder_of
+from tasks.records import ROOT_FOLDER, AudioFile, Batch, FileError, Shard, SourceInfo, folder_of, source_id
+from tasks.storage import reserved_problem
 
 _TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", "~")
 ERRORS_SUFFIX = ".errors"  # `{folder}.errors.jsonl`: a folder named `x.errors` would write x's errors file
@@ -44,6 +54,7 @@ class Listed(NamedTuple):
     id: str
     size: int
     mtime: str
+    sha256: str | None = None  # only with `verify_content`
 
 
 class Listing(NamedTuple):
@@ -105,7 +116,7 @@ def folder_problem(folder: str) -> str | None:
         other = folder[: -len(ERRORS_SUFFIX)]
         return (f"folder {folder!r} would write {folder}.jsonl, which is folder {other!r}'s errors "
                 "file; rename the folder")
-    return None
+    return reserved_problem(folder)
 
 
 def _stem(file_id: str) -> str:
@@ -115,14 +126,38 @@ def _stem(file_id: str) -> str:
 
 
 def _mtime(info: dict) -> str:
-    for key in ("mtime", "LastModified", "last_modified", "ETag", "etag", "created"):
+    """The version part of a file's source identity, from a listing's or `info`'s details.
+
+    Local: mtime in nanoseconds. Object stores: `etag:{ETag}` (plus `@{VersionId}`): a new PUT
+    gets a new ETag even within the second that `LastModified` resolves. Else the time it reports.
+    """
+    if info.get("mtime_ns") is not None:
+        return str(info["mtime_ns"])
+    etag = next((info[k] for k in ("ETag", "etag", "md5Hash", "content_md5") if info.get(k)), None)
+    if etag is not None:
+        version = next((info[k] for k in ("VersionId", "version_id", "generation") if info.get(k)), None)
+        return f"etag:{str(etag).strip(chr(34))}" + (f"@{version}" if version else "")
+    for key in ("mtime", "LastModified", "last_modified", "created"):
         if info.get(key) is not None:
             return str(info[key])
     return ""
 
 
-def scan_audio(audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None) -> Listing:
+def content_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """sha256 of a file's bytes, streamed (`verify_content`)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan_audio(
+    audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None, verify_content: bool = False
+) -> Listing:
     """Every audio file under `audio_root`, sorted by id, plus what cannot be processed.
+
+    With `verify_content`, each listed file is read and its sha256 joins its source identity.
 
     Raises:
         FileNotFoundError: the root itself does not exist or is not a directory.
@@ -156,25 +191,79 @@ def scan_audio(audio_root: str, extensions: tuple[str, ...], storage_options: di
         if why is not None:
             refuse(file_id, why)
             continue
-        files.append(Listed(file_id, int(info.get("size") or 0), _mtime(info)))
+        digest = None
+        if verify_content:
+            try:
+                digest = content_sha256(fs, f"{root.rstrip('/')}/{file_id}")
+            except OSError as e:
+                refuse(file_id, f"cannot read it to verify its content: {e}")
+                continue
+        files.append(Listed(file_id, int(info.get("size") or 0), _mtime(info), digest))
     return Listing(root=root, files=files, errors=errors, refused=refused)
 
 
 def list_audio(
-    audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None
+    audio_root: str, extensions: tuple[str, ...], storage_options: dict | None = None, verify_content: bool = False
 ) -> tuple[list[AudioFile], list[FileError]]:
     """`scan_audio` as AudioFile records (small corpora, tests); errors include refused ids."""
     fs, _ = fsspec.url_to_fs(audio_root, **(storage_options or {}))
-    listing = scan_audio(audio_root, extensions, storage_options)
+    listing = scan_audio(audio_root, extensions, storage_options, verify_content)
     files = [to_audio_file(listing, fs, f) for f in listing.files]
     return files, sorted(listing.errors + listing.refused, key=lambda e: e.id)
 
 
 def to_audio_file(listing: Listing, fs: fsspec.AbstractFileSystem, f: Listed) -> AudioFile:
     # model_construct: the values come from the filesystem; planning 1M files stays fast
-    return AudioFile.model_construct(
-        id=f.id, path=listing.path_of(fs, f.id), source=SourceInfo.model_construct(size=f.size, mtime=f.mtime)
-    )
+    source = (SourceInfo.model_construct(size=f.size, mtime=f.mtime) if f.sha256 is None
+              else SourceInfo.model_construct(size=f.size, mtime=f.mtime, sha256=f.sha256))
+    return AudioFile.model_construct(id=f.id, path=listing.path_of(fs, f.id), source=source)
+
+
+@dataclass(frozen=True)
+class AudioRoot:
+    """The audio root as merge asks it about ids a folder's last merge wrote but this run did not
+    list: is the file still there (and which version), and why was it not listed."""
+
+    url: str
+    extensions: tuple[str, ...]
+    verify_content: bool = False
+
+    @functools.cached_property
+    def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, root = fsspec.url_to_fs(self.url)
+        return fs, root.rstrip("/") or "/"
+
+    def source_of(self, line_id: str) -> AudioFile | None:
+        """The file as discovery would list it now (under `line_id`: a segment's line is looked up
+        by its source file), or None when it is not a regular file there."""
+        file_id = source_id(line_id)
+        fs, root = self._fs
+        path = f"{root}/{file_id}"
+        try:
+            if isinstance(fs, LocalFileSystem):
+                st = os.stat(path)
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                size, version = st.st_size, str(st.st_mtime_ns)
+            else:
+                info = fs.info(path)
+                if info.get("type") not in (None, "file"):
+                    return None
+                size, version = int(info.get("size") or 0), _mtime(info)
+            digest = content_sha256(fs, path) if self.verify_content else None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        listing = Listing(root=root, files=[], errors=[], refused=[])
+        found = to_audio_file(listing, fs, Listed(file_id, size, version, digest))
+        return found if line_id == file_id else found.model_copy(update={"id": line_id})
+
+    def why_unlisted(self, line_id: str) -> str:
+        file_id = source_id(line_id)
+        if not posixpath.basename(file_id).lower().endswith(self.extensions):
+            return f"not listed by this run: excluded by --extensions ({','.join(self.extensions)})"
+        if not is_candidate(file_id, self.extensions):
+            return "not listed by this run: a hidden or temporary file name"
+        return "not listed by this run although it is on the audio root (a listing that missed it)"
 
 
 def _find_remote(fs: fsspec.AbstractFileSystem, root: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
@@ -246,7 +335,7 @@ def _stat_info(entry: os.DirEntry, path: str) -> dict:
     except OSError as e:  # e.g. ELOOP: a link that points at itself
         return {"type": "other", "why": f"cannot stat: {e.strerror or e}"}
     if stat.S_ISREG(st.st_mode):
-        return {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+        return {"type": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {"type": "other", "why": "not a regular file (a FIFO, socket or device)"}
 
 
@@ -311,6 +400,6 @@ def group_folders(folders: list[str], max_groups: int) -> list[list[str]]:
 
 
 __all__ = [
-    "Listed", "Listing", "scan_audio", "list_audio", "make_batches", "make_shards", "group_folders",
+    "AudioRoot", "Listed", "Listing", "scan_audio", "list_audio", "make_batches", "make_shards", "group_folders",
     "is_candidate", "id_problem", "folder_problem", "printable_id", "folder_of",
 ]

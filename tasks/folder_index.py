@@ -42,7 +42,7 @@ from tasks.provenance import (
     wanted_tokens_key,
     wanted_transcription_key,
 )
-from tasks.records import AudioFile, FileError, OutputOptions, Provenance, Record, Tokens, Transcription
+from tasks.records import AudioFile, FileError, OutputOptions, Provenance, Record, Tokens, Transcription, line_order
 from tasks.storage import Kind, Store
 
 INDEX_DIR = ".index"
@@ -193,15 +193,15 @@ class ContentReader:
                 line = ContentLine.model_validate_json(raw)
             except (ValidationError, ValueError):
                 continue
-            if self._current is not None and line.id <= self._current.id:
+            if self._current is not None and line_order(line.id) <= line_order(self._current.id):
                 continue  # out of order: not from merge, trust nothing about it
             return line
         self._done = True
         return None
 
     def take(self, file_id: str) -> ContentLine | None:
-        """The line of `file_id` (ids asked in ascending order), or None."""
-        while not self._done and (self._current is None or self._current.id < file_id):
+        """The line of `file_id` (ids asked in ascending `line_order`: merge's order), or None."""
+        while not self._done and (self._current is None or line_order(self._current.id) < line_order(file_id)):
             nxt = self._next()
             if nxt is None:
                 break

@@ -61,6 +61,19 @@ class OutputInfo(_Part):
     drop_flagged: bool
 
 
+class SegmentationInfo(_Part):
+    """How long recordings became lines (issue 22): files over `segment_over_s` are cut by Silero VAD;
+    each segment's line has id `{source_id}#t={start:.3f},{end:.3f}` plus `source_id`, `start`, `end`."""
+
+    enabled: bool  # False: --no-segment, every file is one line however long
+    segment_over_s: float
+    options: dict[str, Any]  # min/max segment length, padding, pause and VAD thresholds
+    fingerprint: str  # VAD model sha256 + options: segment lists are reused only under the same one
+    vad_model: str = "silero_vad_v6 (faster-whisper's wheel)"
+    line_id: str = "{source_id}#t={start:.3f},{end:.3f}"
+    segment_fields: list[str] = ["id", "source_id", "start", "end", "transcription", "token_array"]
+
+
 class Manifest(_Part):
     schema_version: int = SCHEMA_VERSION
     kind: Literal["audio-pipeline-results"] = "audio-pipeline-results"
@@ -72,6 +85,7 @@ class Manifest(_Part):
     tokeniser: TokenSpec
     output: OutputInfo
     counts: Counts
+    segmentation: SegmentationInfo | None = None  # None in manifests older than issue 22
 
     def audio_path(self, file_id: str) -> str:
         """Where the audio of line `file_id` lives (a local path or an fsspec URL)."""
@@ -100,6 +114,17 @@ def build_manifest(
             folders=summary.folders, files=summary.files, lines=summary.lines, failed=summary.failed,
             flagged=summary.flagged, new=summary.new,
         ),
+        segmentation=segmentation_info(settings),
+    )
+
+
+def segmentation_info(settings: PipelineSettings) -> SegmentationInfo:
+    from tasks.segments import segmentation_fingerprint
+
+    options = settings.segmentation
+    return SegmentationInfo(
+        enabled=not options.no_segment, segment_over_s=options.segment_over_s, options=options.cutting(),
+        fingerprint=segmentation_fingerprint(options),
     )
 
 

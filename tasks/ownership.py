@@ -5,6 +5,10 @@ the shipped prefect.yaml sends every triggered run to `results/`). The first run
 audio root (resolved: `audio`, `./audio` and `/abs/audio` are one owner); a later run from
 another audio root is refused before any work, saying which root owns it. To reuse a results
 root for another corpus on purpose, delete `_owner.json` (and the old outputs) first.
+
+The claim is an exclusive create (`Store.create_exclusive`: a hard link on a local disk, a
+conditional PUT on S3), so of two first runs from different audio roots exactly one claims the
+root; the other reads the winner's claim and is refused like any later run.
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ def check_owner(results_root: str, audio_root: str, claim: bool = False) -> None
     store = Store(results_root)
     mine = canonical_root(audio_root)
     owner = owner_of(store)
+    _refuse_foreign(store, results_root, owner, mine)
+    if owner is None and claim:
+        record = {"audio_root": mine, "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if not store.create_exclusive(OWNER_FILE, (json.dumps(record) + "\n").encode()):
+            # Another run claimed it between our read and our create: its claim decides.
+            _refuse_foreign(store, results_root, owner_of(store), mine)
+
+
+def _refuse_foreign(store: Store, results_root: str, owner: str | None, mine: str) -> None:
     if owner is not None and owner != mine:
         raise ForeignResultsRootError(
             f"results root {results_root!r} holds the results of audio root {owner!r}, not {mine!r}; "
             f"use another --results, or delete {store.display(OWNER_FILE)} (and the old results) to reuse it"
         )
-    if owner is None and claim:
-        record = {"audio_root": mine, "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        store.write_bytes(OWNER_FILE, (json.dumps(record) + "\n").encode())

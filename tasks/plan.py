@@ -25,10 +25,11 @@ from collections import defaultdict
 from typing import Any, NamedTuple
 
 import fsspec
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.discover import Listing, ShardPacker, group_folders, scan_audio, shard_target, to_audio_file
 from tasks.folder_index import LoadedIndex, index_path, parse_index
+from tasks.long_plan import LongPacker, expand, load_long_shard, long_duration, segment_options
 from tasks.provenance import settings_sha256
 from tasks.records import (
     AudioFile,
@@ -86,6 +87,12 @@ class RunPlan(Record):
     refused: int  # ids refused at discovery whose folder cannot be written (refused.jsonl)
     settled_folders: int = 0  # unchanged since their last merge: no task (`tasks.settled`)
     settled_files: int = 0
+    # Long recordings (`tasks.long_plan`): VAD tasks, and the shards holding time ranges of long
+    # files with the VAD tasks each must wait for.
+    segment_tasks: int = 0
+    long_shards: dict[int, list[int]] = Field(default_factory=dict)
+    long_files: int = 0
+    long_seconds: float = 0.0
 
 
 def new_run_id(flow_run_id: str | None = None) -> str:
@@ -119,7 +126,7 @@ def build_plan(
         FileNotFoundError: the audio root does not exist.
     """
     fs, _ = fsspec.url_to_fs(settings.audio_root)
-    listing = listing or scan_audio(settings.audio_root, settings.extensions)
+    listing = listing or scan_audio(settings.audio_root, settings.extensions, verify_content=settings.verify_content)
     store = Store(settings.results_root)
     run_dir = f"{RUNS_DIR}/{run_id}"
     location = store.display(run_dir)
@@ -145,21 +152,31 @@ def build_plan(
     output = OutputOptions(with_quality=settings.with_quality, drop_flagged=settings.drop_flagged)
     settings_hash = settings_sha256(provenance.tokenizer_settings)
     names = sorted(by_folder)
+    long_files: list[tuple[AudioFile, float]] = []
     for start in range(0, len(names), INDEX_READS):
         chunk_names = names[start : start + INDEX_READS]
         indexes = read_indexes(store, [n for n in chunk_names if n not in errors_by_folder])
         for folder in chunk_names:
             files = [to_audio_file(listing, fs, f) for f in by_folder.pop(folder)]
-            if folder in indexes:
+            durations = {f.id: d for f in files if (d := long_duration(f, settings.segmentation)) is not None}
+            # A folder with long files is never left alone as settled: its index keys segments,
+            # and a segmentation option may have changed (the segment lists decide, in the tasks).
+            if folder in indexes and not durations:
                 report = settled_report(store, folder, files, indexes[folder], provenance, output, settings_hash)
                 if report is not None:
                     settled.append(report)
                     continue
             counts[folder] = len(files)
-            for first in range(0, len(files), settings.batch_size):
-                batch = Batch.model_construct(folder=folder, files=files[first : first + settings.batch_size])
+            long_files += [(f, durations[f.id]) for f in files if f.id in durations]
+            short = [f for f in files if f.id not in durations]
+            for first in range(0, len(short), settings.batch_size):
+                batch = Batch.model_construct(folder=folder, files=short[first : first + settings.batch_size])
                 write(packer.add(batch))
     write(packer.close())
+    longs = LongPacker(store, run_dir, first_shard=packer.count)
+    for f, duration in long_files:
+        write(longs.add(f, duration))
+    write(longs.close())
 
     folders = sorted(set(shards_of) | set(errors_by_folder))
     groups: list[GroupRef] = []
@@ -175,8 +192,10 @@ def build_plan(
     plan = RunPlan(
         run_id=run_id, location=location, audio_root=settings.audio_root, results_root=settings.results_root,
         settings=public_settings(settings), provenance=provenance, model=model,
-        files=len(listing.files), folders=len(folders) + len(settled), shards=packer.count, groups=groups,
+        files=len(listing.files), folders=len(folders) + len(settled), shards=longs.next_shard, groups=groups,
         refused=len(listing.refused), settled_folders=len(settled), settled_files=sum(r.files for r in settled),
+        segment_tasks=longs.segment_tasks, long_shards=longs.shards, long_files=longs.files,
+        long_seconds=round(longs.seconds, 3),
     )
     store.write_bytes(f"{run_dir}/plan.json", plan.model_dump_json(indent=1).encode())
     return Planned(plan, listing.refused, settled)
@@ -230,26 +249,34 @@ def group_files(plan: RunPlan, group: GroupPlan) -> tuple[dict[str, list[AudioFi
     wanted = set(group.folders)
     files: dict[str, list[AudioFile]] = {folder: [] for folder in group.folders}
     shards: dict[str, list[int]] = defaultdict(list)
+    long_items = []
     for index in plan.groups[group.index].shards:
+        if index in plan.long_shards and (long := load_long_shard(plan.location, index)) is not None:
+            long_items += long.items
         for batch in load_shard(plan.location, index).batches:
             if batch.folder in wanted:
                 files[batch.folder].extend(batch.files)
                 if index not in shards[batch.folder]:
                     shards[batch.folder].append(index)
+    if long_items:  # long files become their segments (one line each), whatever shard cut them
+        store, options = Store(plan.results_root), segment_options(plan.settings)
+        for folder in files:
+            unique = list({f.id: f for f in files[folder]}.values())
+            files[folder] = expand(unique, long_items, store, options, whole=True)[0]
     return files, dict(shards)
 
 
 def tokeniser_settings(settings: PipelineSettings) -> dict[str, Any]:
-    """The tokeniser's settings as intermediates store them, built once in this process.
+    """The tokeniser's settings as intermediates store them, validated in this process.
 
-    Building it validates the name and options here, before any cluster starts: a bad name or
-    option is one clear error, not a failure on every worker. On CPU: the device changes no token.
+    A bad name or option is one clear error here, before any cluster starts, not a failure on
+    every worker. rpq and simulated describe themselves from their options (no torch in the
+    flow process); encodec is built on CPU (the device changes no token).
 
     Raises:
         ValueError: unknown tokeniser or option, or a value it refuses.
         ImportError: its optional package is missing.
     """
-    from tasks.tokenisers import get_tokeniser
+    from tasks.tokenisers import tokeniser_settings as settings_of
 
-    tokeniser = get_tokeniser(settings.tokenizer, device="cpu", **settings.tokenizer_options)
-    return json.loads(json.dumps(tokeniser.settings))  # as stored: tuples -> lists
+    return json.loads(json.dumps(settings_of(settings.tokenizer, **settings.tokenizer_options)))  # tuples -> lists

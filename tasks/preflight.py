@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from typing import Any
 
@@ -141,11 +140,25 @@ def probe_results_root(results_root: str) -> None:
             store.remove(probe)
         finally:
             if created:
-                shutil.rmtree(created, ignore_errors=True)
+                _remove_empty_dirs(store.root, up_to=created)
     except (OSError, ValueError, ImportError) as e:
         raise RunNotStartedError(
             f"results root {results_root!r} is not writable: {getattr(e, 'strerror', None) or e}"
         ) from e
+
+
+def _remove_empty_dirs(path: str, up_to: str) -> None:
+    """Remove `path` and its parents up to `up_to` while they are empty: never what another run
+    started at the same moment has written there meanwhile (a folder with a file stays)."""
+    path, up_to = os.path.abspath(path), os.path.abspath(up_to)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (another run's files), or gone already
+            return
+        if path == up_to or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 def _first_missing(path: str) -> str | None:

@@ -30,7 +30,9 @@ class SourceInfo(Record):
     """What identifies one version of a source file: a changed file is redone, an unchanged one reused."""
 
     size: int
-    mtime: str  # mtime, ETag or creation time as the filesystem reports it; compared, never parsed
+    # Local: mtime in ns; object stores: `etag:{ETag}[@{version}]`; compared, never parsed (`tasks.discover`)
+    mtime: str
+    sha256: str | None = None  # the bytes' hash, only with `verify_content`
 
 
 class AudioFile(Record):
@@ -166,13 +168,20 @@ class OutputOptions(Record):
 class StageReport(Record):
     """What one shard task did for one stage; small, so Prefect can persist it cheaply."""
 
-    stage: Literal["transcribe", "tokenise"]
+    stage: Literal["transcribe", "tokenise", "segment"]
     shard: int
     files: int
     done: int = 0
     reused: int = 0
     failed: int = 0
     audio_seconds: float = 0.0
+
+
+class RemovedLine(Record):
+    """An id the folder's last merge wrote (a line or an errors line) that this merge did not write, and why."""
+
+    id: str
+    reason: str
 
 
 class FolderReport(Record):
@@ -189,6 +198,12 @@ class FolderReport(Record):
     new: int = 0  # lines with an intermediate this run produced (`run_id`); the rest were reused
     flagged: int = 0  # lines whose transcription carries quality flags
     worst: list[dict[str, Any]] = Field(default_factory=list)  # a few flagged clips: id, flags, text
+    removed: int = 0  # ids the last merge wrote that this one did not (`tasks.merge`: why, per id)
+    removed_ids: list[RemovedLine] = Field(default_factory=list)  # the first few of them
+    kept: int = 0  # lines of files this run did not list but that are still on the audio root, kept
+    segments: int = 0  # lines that are segments of long recordings (issue 22)
+    segment_seconds: float = 0.0  # their audio, in all
+    segment_durations: list[float] = Field(default_factory=list)  # the first SEGMENT_SAMPLE of them, for a histogram
 
 
 class RunSummary(Record):
@@ -208,6 +223,76 @@ class RunSummary(Record):
     flagged: int = 0
     exports: dict[str, str] = Field(default_factory=dict)  # format -> the directory this run exported it to
     export_errors: list[str] = Field(default_factory=list)  # one line per export that failed or left lines out
+    removed: int = 0  # ids whose line (or errors line) this run's merges removed, with why below
+    removed_ids: list[RemovedLine] = Field(default_factory=list)  # the first few, with why
+    kept: int = 0  # lines kept for files this run did not list (still on the audio root, still valid)
+    refused_errors: str | None = None  # where the files refused at discovery are listed (`_refused.errors.jsonl`)
+
+
+class Segment(Record):
+    """One speech segment of a long recording: seconds in the source, rounded to ms (issue 22).
+
+    Its JSONL line id is the W3C media-fragment form of the span (`segment_id`).
+    """
+
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return round(self.end - self.start, 3)
+
+    def line_id(self, source_id: str) -> str:
+        return segment_id(source_id, self.start, self.end)
+
+
+class SegmentList(Record):
+    """Intermediate at `segments/{folder}/{stem}.json`: where one long file was cut, and by what."""
+
+    id: str  # the source file's id
+    source: SourceInfo
+    fingerprint: str  # sha256 of the VAD model + cutting options (`tasks.segments.segmentation_fingerprint`)
+    duration: float  # of the source, seconds
+    segments: list[Segment]
+    run_id: str | None = None
+
+
+def segment_id(source_id: str, start: float, end: float) -> str:
+    """`book/ch01.flac#t=12.340,27.100`: a segment's line id (W3C Media Fragments, temporal, NPT seconds)."""
+    return f"{source_id}#t={start:.3f},{end:.3f}"
+
+
+def split_segment_id(line_id: str) -> tuple[str, float, float] | None:
+    """`segment_id` inverted: (source id, start, end), or None for a whole file's id."""
+    source, sep, fragment = line_id.rpartition("#t=")
+    if not sep or not source:
+        return None
+    start, comma, end = fragment.partition(",")
+    try:
+        return (source, float(start), float(end)) if comma else None
+    except ValueError:
+        return None
+
+
+def line_order(line_id: str) -> tuple[str, float, float]:
+    """Sort key of JSONL lines: by source id, then start (a whole file's line keys as its id)."""
+    parts = split_segment_id(line_id)
+    return parts if parts is not None else (line_id, -1.0, -1.0)
+
+
+class SegmentOutputLine(OutputLine):
+    """A segment's line: the contract's three fields plus where in which source it lies."""
+
+    source_id: str
+    start: float
+    end: float
+
+
+class QualitySegmentOutputLine(SegmentOutputLine):
+    quality: dict[str, Any]
+
+
+SEGMENT_SAMPLE = 500  # segment durations a FolderReport keeps (bounded: Prefect persists reports)
 
 
 def folder_of(file_id: str) -> str:
@@ -217,3 +302,10 @@ def folder_of(file_id: str) -> str:
 
 
 ROOT_FOLDER = "_root"
+
+
+def source_id(line_id: str) -> str:
+    """The audio file a JSONL line's id belongs to: the id itself, or for a long recording's
+    segment (`book/ch01.flac#t=12.340,27.100`) its source (`split_segment_id`)."""
+    parts = split_segment_id(line_id)
+    return parts[0] if parts is not None else line_id

@@ -9,13 +9,46 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg")
 EXPORT_FORMATS = ("lhotse", "hf", "webdataset", "nemo")  # `tasks.export`
+
+
+class SegmentOptions(BaseModel):
+    """How long recordings are cut into training segments (issue 22; `tasks.segments`).
+
+    `segment_over_s` and `no_segment` choose which files are segmented; the rest describe how,
+    and make the segmentation fingerprint (with the VAD model's hash): changing one of them
+    re-segments long files only. Defaults measured in bench/longform.py.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    segment_over_s: float = Field(30.0, gt=0, description="Files longer than this (seconds) are segmented.")
+    no_segment: bool = Field(False, description="Keep every file whole, however long (one line per file).")
+    min_segment_s: float = Field(15.0, ge=0, le=30, description="Shortest segment the cutter aims for (seconds).")
+    max_segment_s: float = Field(28.0, gt=1, le=30, description="Longest segment, padding included (<= 30 s: Whisper's window).")
+    pad_s: float = Field(0.2, ge=0, le=1, description="Silence kept each side of the speech (never into a neighbour).")
+    max_pause_s: float = Field(3.0, gt=0, description="A pause this long always ends a segment.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability that starts speech.")
+    min_speech_s: float = Field(0.25, ge=0, description="Speech regions shorter than this are dropped (clicks).")
+    min_silence_s: float = Field(0.1, ge=0, description="Shortest silence that separates two speech regions.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SegmentOptions:
+        if self.min_segment_s >= self.max_segment_s:
+            raise ValueError(f"min_segment_s ({self.min_segment_s}) must be below max_segment_s ({self.max_segment_s})")
+        if 2 * self.pad_s >= self.max_segment_s:
+            raise ValueError("pad_s leaves no room for speech within max_segment_s")
+        return self
+
+    def cutting(self) -> dict[str, Any]:
+        """The options that change where cuts fall (not which files): part of the fingerprint."""
+        return self.model_dump(exclude={"segment_over_s", "no_segment"})
 
 
 class PipelineSettings(BaseSettings):
@@ -53,9 +86,18 @@ class PipelineSettings(BaseSettings):
     http_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
     service_wait_s: float = Field(60.0, ge=0, description="How long to wait for a loading service.")
     show_progress: bool = Field(False, description="Draw a terminal progress bar (the CLI sets it).")
+    prefect_server: Literal["keep", "temporary"] = Field(
+        "keep", description="CLI runs with no Prefect API configured: keep the local server for the next run "
+        "(it stops after prefect_server_idle_s without a request), or start and stop one per run.",
+    )
+    prefect_server_idle_s: float = Field(600.0, gt=0, description="A kept local Prefect server stops after this idle time.")
     with_quality: bool = Field(False, description="Add a `quality` object to each JSONL line.")
     drop_flagged: bool = Field(
         False, description="Move clips with quality flags from the JSONL to `{folder}.errors.jsonl` (stage quality)."
+    )
+    verify_content: bool = Field(
+        False, description="Add each audio file's sha256 to its identity (reads every file each run): for files "
+        "rewritten in place with their size and mtime preserved.",
     )
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Failed files (fraction of all) a run may have and still count as Completed."
@@ -66,6 +108,9 @@ class PipelineSettings(BaseSettings):
     )
     export_root: str | None = Field(
         None, description="Local directory for end-of-run exports, one folder per format (default: RESULTS-exports)."
+    )
+    segmentation: SegmentOptions = Field(
+        default_factory=SegmentOptions, description="Long recordings: which are cut into segments, and how."
     )
     # NoDecode: a comma list (or JSON) like extensions. Empty: any root may be read (CLI use).
     allowed_roots: Annotated[tuple[str, ...], NoDecode] = Field(

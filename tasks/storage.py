@@ -11,6 +11,12 @@ Layout of a results root (every name a folder's outputs can take is listed, so n
   there, and the two differ in their last suffix (`.json`, `.jsonl`), so no two folders' collide;
 - `.locks/`: folder lock files (local results roots only).
 
+Everything else the product keeps there is internal (`INTERNAL_DIRS`, `INTERNAL_FILES`): run plans
+(`_runs/`), report images (`_report/`), `_owner.json`, `manifest.json`, the run-level
+`_refused.errors.jsonl`. `output_of` is the one rule every reader asks "is this file a folder's
+results?": only `{folder}.jsonl` / `{folder}.errors.jsonl` outside those names, never a hidden or
+temp file. Discovery refuses the folders whose outputs would land among them (`reserved_problem`).
+
 Atomicity: on a local disk every write goes to a temp file in the same directory, is fsynced
 and renamed over the target (POSIX rename is atomic), so a reader sees the old complete file or
 the new complete one, never a torn one. On object stores (s3, gcs, azure, memory) a single PUT
@@ -29,19 +35,27 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, NamedTuple
 
 import fsspec
 from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
-from tasks.records import Failure, Tokens, Transcription
+from tasks.records import Failure, Tokens, Transcription, split_segment_id
 
 ERRORS_SUFFIX = ".errors"
 
 Kind = Literal["transcriptions", "tokens"]
 INTERMEDIATE_KINDS = ("transcriptions", "tokens")  # top-level folders of intermediates
+# Every top-level folder the product writes for itself (a new one must be added here: the walk in
+# tests/reliability/test_reruns.py fails on any file that is neither a result nor internal).
+# `segments`: long-recording intermediates; `_runs`: run plans (`tasks.plan.RUNS_DIR`); `_report`:
+# report images (`flows.artifacts.REPORT_DIR`); `.index`, `.locks`: folder indexes and locks.
+INTERNAL_DIRS = frozenset({*INTERMEDIATE_KINDS, "segments", "_runs", "_report", ".index", ".locks"})
+REFUSED_ERRORS = "_refused.errors.jsonl"  # files refused at discovery whose folder cannot be written
+INTERNAL_FILES = frozenset({"_owner.json", "manifest.json", REFUSED_ERRORS})
+OutputKind = Literal["lines", "errors"]
 TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gcs", "gs", "az", "abfs", "abfss", "memory"}
 
@@ -79,8 +93,59 @@ def read_source(path: str, storage_options: dict | None = None) -> bytes:
     return fs.cat_file(stripped)
 
 
+class Output(NamedTuple):
+    """A file under the results root that is a folder's output."""
+
+    folder: str
+    kind: OutputKind
+
+
+def output_of(relative: str) -> Output | None:
+    """The folder output `relative` (a path under the results root) is, or None: anything internal,
+    hidden, temporary or not named like an output is no folder's result, whatever its suffix."""
+    segments = relative.split("/")
+    if any(not s or s.startswith(".") for s in segments) or relative in INTERNAL_FILES:
+        return None
+    if len(segments) > 1 and segments[0] in INTERNAL_DIRS:
+        return None
+    if not relative.isprintable():
+        return None  # discovery refuses such folders: no output of ours has this name
+    if relative.endswith(ERRORS_SUFFIX + ".jsonl"):
+        return Output(relative[: -len(ERRORS_SUFFIX + ".jsonl")], "errors")
+    if relative.endswith(".jsonl"):
+        return Output(relative[: -len(".jsonl")], "lines")
+    return None
+
+
+def is_internal(relative: str) -> bool:
+    """A file the product keeps for itself under the results root: in an internal folder, an
+    internal file, hidden, or a temp file of a write in progress (`.tmp-*.part`, `{target}.tmp-*`)."""
+    segments = relative.split("/")
+    return (
+        (len(segments) > 1 and segments[0] in INTERNAL_DIRS) or relative in INTERNAL_FILES
+        or any(s.startswith(".") for s in segments) or ".tmp-" in segments[-1]
+    )
+
+
+def reserved_problem(folder: str) -> str | None:
+    """Why `folder`'s outputs would land among the results root's internal files, or None."""
+    top, _, rest = folder.partition("/")
+    if rest and top in INTERNAL_DIRS:
+        return (f"its outputs would be written under {top}/, which the results root keeps for its own "
+                "files; rename the folder")
+    if {jsonl_name(folder), errors_name(folder)} & INTERNAL_FILES:
+        return f"its outputs would overwrite the results root's own {errors_name(folder)}; rename the folder"
+    return None
+
+
 def stem_id(file_id: str) -> str:
-    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`: intermediates mirror input paths."""
+    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`: intermediates mirror input paths.
+
+    A segment's id keeps its fragment: `book/ch01.flac#t=1.000,2.500` -> `book/ch01#t=1.000,2.500`.
+    """
+    segment = split_segment_id(file_id)
+    if segment is not None:
+        return f"{stem_id(segment[0])}#t={segment[1]:.3f},{segment[2]:.3f}"
     return str(PurePosixPath(file_id).with_suffix(""))
 
 
@@ -137,10 +202,13 @@ class Store:
     def write_lines(self, relative: str, records: list[BaseModel]) -> None:
         self.write_bytes(relative, _jsonl(records))
 
-    def write_lines_if_changed(self, relative: str, records: list[BaseModel]) -> bool:
-        """Write JSONL unless the stored file already holds exactly these lines; True if written."""
+    def write_lines_if_changed(
+        self, relative: str, records: list[BaseModel], stored: bytes | None | _Unknown = UNKNOWN
+    ) -> bool:
+        """Write JSONL unless the stored file already holds exactly these lines; True if written.
+        `stored`: the stored bytes when the caller read them already (None: absent)."""
         body = _jsonl(records)
-        if self.read_bytes(relative) == body:
+        if (self.read_bytes(relative) if isinstance(stored, _Unknown) else stored) == body:
             return False
         self.write_bytes(relative, body)
         return True
@@ -308,24 +376,65 @@ class Store:
     def _read_intermediate(self, kind: Kind, file_id: str, model: type[BaseModel]):
         return parse_intermediate(self.read_bytes(self.intermediate(kind, file_id)), file_id, model)
 
-    def folders_with_results(self) -> set[str]:
-        """Folders that have a `{folder}.jsonl` here (nested folders keep their slashes).
+    def outputs(self) -> Iterator[tuple[str, Output]]:
+        """Every folder output under the root (`output_of`), as (relative path, output).
 
-        Walks the results tree without descending into the intermediates (two files per audio
-        file: listing them would cost a million-file run minutes on an object store).
+        Walks the results tree without descending into internal folders (the intermediates are
+        two files per audio file: listing them would cost a million-file run minutes on an
+        object store) or hidden ones.
         """
         if not self.fs.exists(self.root):
-            return set()
+            return
         base = self.root.rstrip("/")
-        folders = set()
         for directory, dirs, files in self.fs.walk(self.root, topdown=True, detail=False):
             relative_dir = directory.rstrip("/")[len(base) + 1 :]
-            if not relative_dir:
-                dirs[:] = [d for d in dirs if d not in INTERMEDIATE_KINDS and not d.startswith(".")]
+            dirs[:] = [d for d in dirs if not d.startswith(".") and (relative_dir or d not in INTERNAL_DIRS)]
             for name in files:
-                if name.endswith(".jsonl") and not name.endswith(".errors.jsonl"):
-                    folders.add(f"{relative_dir}/{name}".lstrip("/")[: -len(".jsonl")])
-        return folders
+                relative = f"{relative_dir}/{name}".lstrip("/")
+                output = output_of(relative)
+                if output is not None:
+                    yield relative, output
+
+    def folders_with_results(self) -> set[str]:
+        """Folders that have a `{folder}.jsonl` here (nested folders keep their slashes)."""
+        return {output.folder for _, output in self.outputs() if output.kind == "lines"}
+
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Write `data` only if no file is there yet, atomically: True if this call created it.
+
+        Local: the bytes go to a temp file that is hard-linked to the target (link fails if the
+        target exists, and a reader never sees a partial file). S3: a conditional PUT
+        (`If-None-Match: *`). Other stores: fsspec's create mode (the memory store's is atomic
+        within a process; elsewhere it is check-then-write, the best that store offers).
+        """
+        target = self.path(relative)
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+            except FileExistsError:
+                return False
+            except TypeError:  # a filesystem whose pipe_file predates fsspec's `mode`
+                if self.fs.exists(target):
+                    return False
+                self.fs.pipe_file(target, data)
+            return True
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     # -- locking -------------------------------------------------------------------------------
     def lock_path(self, folder: str) -> str:

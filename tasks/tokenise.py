@@ -6,7 +6,8 @@ import functools
 import json
 import numpy as np
 
-from tasks.audio_quality import decode_for_tokens
+from tasks.audio_quality import decode_for_tokens, measure
+from tasks.audio_stream import open_source, read_span
 from tasks.folder_index import reusable_ids
 from tasks.provenance import tokens_reusable
 from tasks.records import AudioFile, AudioQuality, Batch, Failure, Provenance, StageReport, Tokens
@@ -28,18 +29,21 @@ def tokeniser_for(settings: PipelineSettings) -> Tokeniser:
 
 
 def tokenise_batches(
-    batches: list[Batch], settings: PipelineSettings, store: Store, expect: Provenance, shard: int = 0
+    batches: list[Batch], settings: PipelineSettings, store: Store, expect: Provenance, shard: int = 0,
+    spans: dict[str, tuple[float, float]] | None = None,
 ) -> StageReport:
     """Tokenise every file this run cannot reuse, one tokeniser call per batch.
 
     Reuse is decided once for the shard from each folder's slim index (`tasks.folder_index`:
     keys only, no tokens). Each decode also measures the audio (`decode_for_tokens`), kept in the
-    intermediate, which carries `expect.run_id`.
+    intermediate, which carries `expect.run_id`. A file in `spans` is a segment of a long
+    recording: exactly its span is decoded (by seeking) and tokenised (rpq: 25 tokens/s of it).
 
     Raises:
         ValueError, ImportError: the tokeniser cannot be built (the whole stage fails; merge
             reports every file missing its tokens with this reason).
     """
+    spans = spans or {}
     tokeniser = tokeniser_for(settings)
     # JSON round trip so the record stores what a later comparison will read back (tuples -> lists).
     fingerprint = json.loads(json.dumps(tokeniser.settings))
@@ -52,7 +56,11 @@ def tokenise_batches(
         decoded: list[tuple[AudioFile, np.ndarray, AudioQuality]] = []
         for f in todo:
             try:
-                decoded.append((f, *decode_for_tokens(read_source(f.path), tokeniser.sample_rate)))
+                span = spans.get(f.id)
+                decoded.append((f, *(
+                    decode_for_tokens(read_source(f.path), tokeniser.sample_rate) if span is None
+                    else decode_span_for_tokens(f.path, *span, tokeniser.sample_rate)
+                )))
             except (AudioDecodeError, OSError) as e:
                 store.write_record("tokens", Failure(id=f.id, stage="decode", error=str(e), source=f.source))
                 failed += 1
@@ -80,6 +88,17 @@ def tokenise_batches(
         stage="tokenise", shard=shard, files=files, done=done,
         reused=files - done - failed, failed=failed, audio_seconds=audio_seconds,
     )
+
+
+def decode_span_for_tokens(path: str, start: float, end: float, sample_rate: int) -> tuple[np.ndarray, AudioQuality]:
+    """`decode_for_tokens` for one segment: its span only, measured like a whole clip.
+
+    Raises:
+        AudioDecodeError, OSError: the span cannot be read.
+    """
+    with open_source(path) as f:
+        audio, source_rate, channels, clipped = read_span(f, start, end, sample_rate)
+    return audio, measure(audio, sample_rate, source_rate, channels, clipped)
 
 
 def _tokenise_isolated(tokeniser: Tokeniser, decoded: list[tuple[AudioFile, np.ndarray]]) -> list[list[int] | str]:
@@ -110,5 +129,8 @@ def tokenise_shard(plan: str, index: int, settings: PipelineSettings) -> StageRe
     """Tokenise every batch of shard `index` of the run plan at `plan` (on the worker's GPU if any)."""
     from tasks.plan import load_plan, load_shard
 
+    from tasks.long_plan import expand_shard
+
     run, shard = load_plan(plan), load_shard(plan, index)
-    return tokenise_batches(shard.batches, settings, Store(settings.results_root), run.provenance, index)
+    batches, spans = expand_shard(plan, index, shard.batches, settings, run.settings)  # long files: their segments
+    return tokenise_batches(batches, settings, Store(settings.results_root), run.provenance, index, spans)

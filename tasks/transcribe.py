@@ -20,7 +20,9 @@ from tasks.folder_index import reusable_ids
 from tasks.provenance import transcription_reusable
 from tasks.records import AudioFile, Failure, Provenance, QualityFlag, StageReport, Transcription, TranscriptQuality
 from tasks.settings import PipelineSettings
-from tasks.storage import Store, read_source
+from tasks.audio_stream import open_source, read_span, span_flac
+from tasks.storage import Store, read_source, stem_id
+from whisper_service.audio import AudioDecodeError
 
 
 class ServiceError(RuntimeError):
@@ -167,20 +169,23 @@ def check_service(settings: PipelineSettings) -> dict:
 
 
 def transcribe_files(
-    files: list[AudioFile], settings: PipelineSettings, store: Store, expect: Provenance, shard: int = 0
+    files: list[AudioFile], settings: PipelineSettings, store: Store, expect: Provenance, shard: int = 0,
+    spans: dict[str, tuple[float, float]] | None = None,
 ) -> StageReport:
     """Transcribe the files this run cannot reuse (`tasks.provenance`); one intermediate per file.
 
     Reuse is decided from each folder's slim index (one read per folder, keys only: no text),
     plus one bulk read of the intermediates of the files the index does not vouch for. Each
-    record written carries `expect.run_id`.
+    record written carries `expect.run_id`. A file in `spans` is a segment of a long recording:
+    only its samples are read (seeking into the source) and uploaded, as 16 kHz FLAC.
     """
+    spans = spans or {}
     done = reusable_ids(store, "transcriptions", files, expect, transcription_reusable)
     todo = [f for f in files if f.id not in done]
     outcomes: list[Transcription | Failure] = []
     if todo:
         with ServiceClient(settings) as client, ThreadPoolExecutor(settings.http_concurrency) as pool:
-            outcomes = list(pool.map(lambda f: _transcribe_one(client, f, expect, store), todo))
+            outcomes = list(pool.map(lambda f: _transcribe_one(client, f, expect, store, spans.get(f.id)), todo))
     failed = sum(isinstance(o, Failure) for o in outcomes)
     return StageReport(
         stage="transcribe", shard=shard, files=len(files), done=len(todo) - failed,
@@ -189,9 +194,15 @@ def transcribe_files(
     )
 
 
-def _transcribe_one(client: ServiceClient, file: AudioFile, expect: Provenance, store: Store) -> Transcription | Failure:
+def _transcribe_one(
+    client: ServiceClient, file: AudioFile, expect: Provenance, store: Store, span: tuple[float, float] | None = None,
+) -> Transcription | Failure:
     try:
-        data = read_source(file.path)
+        data = read_source(file.path) if span is None else segment_upload(file.path, *span)
+    except AudioDecodeError as e:
+        record = Failure(id=file.id, stage="decode", error=str(e), source=file.source)
+        store.write_record("transcriptions", record)
+        return record
     except OSError as e:
         record: Transcription | Failure = Failure(
             id=file.id, stage="decode", error=f"cannot read file: {e}", source=file.source
@@ -199,7 +210,8 @@ def _transcribe_one(client: ServiceClient, file: AudioFile, expect: Provenance, 
         store.write_record("transcriptions", record)
         return record
     try:
-        body = client.transcribe(data, file.id.rsplit("/", 1)[-1], expect.language)
+        name = file.id.rsplit("/", 1)[-1] if span is None else f"{stem_id(file.id).rsplit('/', 1)[-1]}.flac"
+        body = client.transcribe(data, name, expect.language)
         record = transcription_from_response(body, file, client.url, expect.language, expect.run_id)
     except ServiceRejectedError as e:
         stage = "decode" if e.status in (400, 415, 422) else "transcribe"
@@ -208,6 +220,18 @@ def _transcribe_one(client: ServiceClient, file: AudioFile, expect: Provenance, 
         record = Failure(id=file.id, stage="transcribe", error=str(e), source=file.source)
     store.write_record("transcriptions", record)
     return record
+
+
+def segment_upload(path: str, start: float, end: float) -> bytes:
+    """A segment's samples as 16 kHz FLAC bytes, read from the source by seeking (never the whole file).
+
+    Raises:
+        AudioDecodeError: the span cannot be decoded.
+        OSError: the source cannot be read.
+    """
+    with open_source(path) as f:
+        audio = read_span(f, start, end)[0]
+    return span_flac(audio)
 
 
 def transcription_from_response(
@@ -267,6 +291,9 @@ def transcribe_shard(plan: str, index: int, settings: PipelineSettings) -> Stage
     """Transcribe every file of shard `index` of the run plan at `plan` (bounded concurrency)."""
     from tasks.plan import load_plan, load_shard
 
+    from tasks.long_plan import expand_shard
+
     run, shard = load_plan(plan), load_shard(plan, index)
-    files = [f for batch in shard.batches for f in batch.files]
-    return transcribe_files(files, settings, Store(settings.results_root), run.provenance, index)
+    batches, spans = expand_shard(plan, index, shard.batches, settings, run.settings)  # long files: their segments
+    files = [f for batch in batches for f in batch.files]
+    return transcribe_files(files, settings, Store(settings.results_root), run.provenance, index, spans)

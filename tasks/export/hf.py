@@ -5,7 +5,8 @@ uint16), `audio` (`{bytes, path}`, the file as stored, with `with_audio`) and, w
 carry a `quality` object, one typed column per known quality field plus `quality` (the object as
 JSON text, lossless). `load_dataset("parquet", data_files="OUT/data/*.parquet")` or
 `load_dataset("OUT")` (the card's `configs` names the files); `cast_column("audio", Audio())`
-decodes the audio.
+decodes the audio. `source_id`, `start`, `end` (null for whole files) say where a long
+recording's segment lies in its source; with `with_audio` its `audio` is just that span (FLAC).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.export.reader import Sample, audio_size, flat_quality, read_audio
+from tasks.audio_stream import span_file
+from tasks.export.reader import Sample, audio_info, audio_size, flat_quality, read_audio
 from tasks.export.shards import ExportReport, LineError
-from tasks.storage import Store
+from tasks.storage import Store, stem_id
+from whisper_service.audio import AudioDecodeError
 from tasks.records import AudioQuality, TranscriptQuality
 
 ROW_GROUP_ROWS = 1000
@@ -74,8 +77,11 @@ class HfWriter:
 
     def _audio_size(self, sample: Sample) -> int:
         try:
+            if sample.segment is not None:  # its span as 16-bit FLAC: at most the PCM size
+                info = audio_info(f"{self.audio_root}/{sample.audio_id}")
+                return int(sample.segment.duration * info.sample_rate * info.channels * 2)
             return audio_size(f"{self.audio_root}/{sample.id}")
-        except OSError:
+        except (OSError, RuntimeError):
             return 0  # missing: the writer reports it
 
     def schema(self):
@@ -88,6 +94,8 @@ class HfWriter:
                 pa.field("id", pa.string(), nullable=False),
                 pa.field("transcription", pa.string(), nullable=False),
                 pa.field("token_array", pa.list_(pa.from_numpy_dtype(_numpy_dtype(self.value_dtype))), nullable=False),
+                # A long recording's segment (issue 22): its source file and span; null for whole files.
+                pa.field("source_id", pa.string()), pa.field("start", pa.float64()), pa.field("end", pa.float64()),
             ]
             if self.with_audio:
                 fields.append(pa.field("audio", pa.struct([("bytes", pa.binary()), ("path", pa.string())])))
@@ -122,11 +130,14 @@ class HfWriter:
 
     def _row(self, sample: Sample, errors: list[LineError]) -> dict[str, Any] | None:
         row: dict[str, Any] = {"id": sample.id, "transcription": sample.transcription, "token_array": sample.token_array}
+        span = sample.segment
+        row.update(source_id=span and span.source_id, start=span and span.start, end=span and span.end)
         if self.with_audio:
-            path = f"{self.audio_root}/{sample.id}"
+            path = f"{self.audio_root}/{sample.audio_id}"
             try:
-                row["audio"] = {"bytes": read_audio(path), "path": sample.id}
-            except OSError as e:
+                data = read_audio(path) if span is None else span_file(path, span.start, span.end)[0]
+                row["audio"] = {"bytes": data, "path": sample.id if span is None else f"{stem_id(sample.id)}.flac"}
+            except (OSError, AudioDecodeError) as e:
                 errors.append(LineError(id=sample.id, error=f"cannot read the audio {path}: {e}"))
                 return None
         if self.with_quality:

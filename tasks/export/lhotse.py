@@ -9,7 +9,10 @@ root), so nothing is copied. With `shar=True` the shards are Lhotse Shar instead
 sequential reading from object storage: `CutSet.from_shar(in_dir=OUT/shar)`.
 
 Ids: recording, supervision and cut ids are the line ids ("p225/p225_001_mic2.flac"); the
-speaker is the folder (VCTK layout).
+speaker is the folder (VCTK layout). A long recording's segments (issue 22) share one Recording,
+the source file (id: its source id, written once per shard); each segment is a cut of it with
+`start`/`duration`, whose supervision (id: the segment's line id) the supervisions manifest gives
+with its start in the recording.
 """
 
 from __future__ import annotations
@@ -62,13 +65,18 @@ class LhotseWriter:
             gzip.open(supervisions, "wt", encoding="utf-8", compresslevel=6) as s,
             gzip.open(cut_files, "wt", encoding="utf-8", compresslevel=6) as c,
         ):
+            last_recording = None
             for cut in cuts:
                 # One to_dict per cut, its parts reused, and the tokens attached after: lhotse's
                 # to_dict deep-copies `custom` value by value (3/4 of the time on 10k lines).
                 custom, cut.custom = cut.custom, None
                 record = cut.to_dict()
-                r.write(json.dumps(record["recording"], ensure_ascii=False) + "\n")
+                if record["recording"]["id"] != last_recording:  # segments of one source share it
+                    r.write(json.dumps(record["recording"], ensure_ascii=False) + "\n")
+                    last_recording = record["recording"]["id"]
                 for supervision in record["supervisions"]:
+                    if cut.start:  # a segment's cut: the manifest gives its start in the recording
+                        supervision = {**supervision, "start": round(supervision["start"] + cut.start, 6)}
                     s.write(json.dumps(supervision, ensure_ascii=False) + "\n")
                 record["custom"] = custom
                 c.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -82,7 +90,7 @@ class LhotseWriter:
 
         def build() -> Iterator:
             for sample in samples:
-                path = f"{self.audio_root}/{sample.id}"
+                path = f"{self.audio_root}/{sample.audio_id}"
                 try:
                     info = audio_info(path)
                 except (OSError, RuntimeError) as e:
@@ -91,15 +99,20 @@ class LhotseWriter:
                 channels = list(range(info.channels))
                 source = AudioSource(type="url" if "://" in path else "file", channels=channels, source=path)
                 recording = Recording(
-                    id=sample.id, sources=[source], sampling_rate=info.sample_rate,
+                    id=sample.audio_id, sources=[source], sampling_rate=info.sample_rate,
                     num_samples=info.num_samples, duration=info.duration,
                 )
                 cut = recording.to_cut()
+                span = sample.segment
+                start, duration = (0.0, info.duration) if span is None else (span.start, span.duration)
                 cut.supervisions = [SupervisionSegment(
-                    id=sample.id, recording_id=sample.id, start=0.0, duration=info.duration,
+                    id=sample.id, recording_id=sample.audio_id, start=start, duration=duration,
                     channel=channels[0] if len(channels) == 1 else channels, text=sample.transcription,
                     speaker=sample.folder, language=self.language,
                 )]
+                if span is not None:  # the segment's cut: its span of the source, supervision relative to it
+                    cut = cut.truncate(offset=span.start, duration=span.duration, preserve_id=True)
+                    cut.id = sample.id
                 cut.custom = {"token_array": sample.token_array}
                 if sample.quality is not None:
                     cut.custom["quality"] = sample.quality

@@ -3,6 +3,8 @@
 Shards are `manifest_000000.json`, ...; NeMo takes them as a list or as the brace pattern
 `manifest__OP_000000..00000N_CL_.json`. `duration` comes from the audio header (soundfile), or
 from the line's quality fields when the header cannot be read; a line with neither is an error.
+A segment of a long recording points at its source file with `offset` and `duration` (seconds),
+which NeMo's audio datasets read as that span.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ class NemoWriter:
         errors: list[LineError] = []
         with open(targets[self.files(index)[0]], "w", encoding="utf-8") as f:
             for sample in samples:
-                path = f"{self.audio_root}/{sample.id}"
+                path = f"{self.audio_root}/{sample.audio_id}"
+                if sample.segment is not None:  # a long recording's segment: NeMo reads [offset, offset + duration)
+                    line = {"audio_filepath": path, "offset": sample.segment.start, "duration": sample.segment.duration,
+                            "text": sample.transcription, "id": sample.id}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    continue
                 duration = _duration(path, sample)
                 if isinstance(duration, str):
                     errors.append(LineError(id=sample.id, error=duration))

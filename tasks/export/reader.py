@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import soundfile as sf
 
-from tasks.storage import Store
+from tasks.storage import Store, jsonl_name
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,25 @@ class Sample:
     token_array: list[int]
     quality: dict[str, Any] | None
     raw: bytes
+    segment: SegmentSpan | None = None  # a long recording's segment (issue 22); None: a whole file
+
+    @property
+    def audio_id(self) -> str:
+        """The id of the file holding this line's audio (the source, for a segment)."""
+        return self.segment.source_id if self.segment is not None else self.id
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    """Where a segment's line lies in its source: seconds, as the line's `start`/`end` say."""
+
+    source_id: str
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return round(self.end - self.start, 6)
 
 
 @dataclass(frozen=True)
@@ -65,8 +84,8 @@ def iter_lines(results_root: str, token_limit: int = INT64_LIMIT) -> Iterator[Sa
     manifest's dtype, sized to the codebook, and one value past it would fail the whole shard.
     """
     store = Store(results_root)
-    for folder in sorted(store.folders_with_results()):
-        relative = f"{folder}.jsonl"
+    for folder in sorted(store.folders_with_results()):  # the one rule of what a result is (`output_of`)
+        relative = jsonl_name(folder)
         with store.fs.open(store.path(relative), "rb") as f:
             for number, line in enumerate(f, start=1):
                 raw = line.strip()
@@ -88,13 +107,23 @@ def parse_line(raw: bytes, folder: str, where: str, token_limit: int = INT64_LIM
             raise TypeError(f"a JSON {type(record).__name__}, not an object")
         return Sample(
             id=_text(record, "id"), folder=folder, transcription=_text(record, "transcription"),
-            token_array=_tokens(record, token_limit), quality=_quality(record), raw=raw,
+            token_array=_tokens(record, token_limit), quality=_quality(record), raw=raw, segment=_segment(record),
         )
     except (ValueError, TypeError, KeyError) as e:
         file_id = record.get("id") if isinstance(record, dict) else None
         reason = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         return BadLine(id=file_id if isinstance(file_id, str) else where, folder=folder,
                        error=f"{where}: not a result line: {reason}", raw=raw)
+
+
+def _segment(record: dict) -> SegmentSpan | None:
+    """A segment line's span (`source_id`, `start`, `end`); None for a whole file's line."""
+    if "source_id" not in record:
+        return None
+    start, end = record.get("start"), record.get("end")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end:
+        raise TypeError("a segment line needs numbers 0 <= 'start' < 'end'")
+    return SegmentSpan(source_id=_text(record, "source_id"), start=float(start), end=float(end))
 
 
 def _text(record: dict, key: str) -> str:

@@ -21,7 +21,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import soundfile as sf
 
-from tasks.export.reader import Sample, audio_size, quality_duration, read_audio
+from tasks.audio_stream import span_file
+from tasks.export.reader import Sample, audio_info, audio_size, quality_duration, read_audio
+from tasks.storage import stem_id
+from whisper_service.audio import AudioDecodeError
 from tasks.export.shards import ExportReport, LineError
 
 TAR_BLOCK = 512
@@ -30,8 +33,11 @@ NPY_HEADER = 128  # numpy's .npy v1 header for a 1-D array
 
 
 def sample_key(file_id: str) -> str:
-    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`; dots -> `_` (WebDataset's key/extension split)."""
-    return str(PurePosixPath(file_id).with_suffix("")).replace(".", "_")
+    """`p225/p225_001_mic2.flac` -> `p225/p225_001_mic2`; dots -> `_` (WebDataset's key/extension split).
+
+    A segment's key keeps its span: `book/ch01.flac#t=1.000,2.500` -> `book/ch01#t=1_000,2_500`.
+    """
+    return stem_id(file_id).replace(".", "_")
 
 
 def _padded(n: int) -> int:
@@ -61,8 +67,11 @@ class WebDatasetWriter:
         if not self.audio_root:
             return 0
         try:
+            if sample.segment is not None:  # its span as 16-bit FLAC: at most the PCM size, plus a header
+                info = audio_info(f"{self.audio_root}/{sample.audio_id}")
+                return int(sample.segment.duration * info.sample_rate * info.channels * 2) + 8192
             return audio_size(f"{self.audio_root}/{sample.id}")
-        except OSError:
+        except (OSError, RuntimeError):
             return 0
 
     def size_of(self, sample: Sample) -> int:
@@ -99,10 +108,12 @@ class WebDatasetWriter:
     def _members(self, sample: Sample) -> list[tuple[str, bytes]]:
         key = sample_key(sample.id)
         meta: dict = {"id": sample.id, "folder": sample.folder, "n_tokens": len(sample.token_array)}
+        if sample.segment is not None:  # where in which source (its audio member is just the span)
+            meta.update(source_id=sample.segment.source_id, start=sample.segment.start, end=sample.segment.end)
         members: list[tuple[str, bytes]] = []
         audio = self._audio(sample, meta)
         if audio is not None:
-            suffix = PurePosixPath(sample.id).suffix.lower().lstrip(".") or "audio"
+            suffix = "flac" if sample.segment is not None else PurePosixPath(sample.id).suffix.lower().lstrip(".") or "audio"
             members.append((f"{key}.{suffix}", audio))
         if "duration" not in meta and (duration := quality_duration(sample.quality)) is not None:
             meta["duration"] = duration
@@ -121,12 +132,19 @@ class WebDatasetWriter:
         if not self.audio_root:
             meta["audio_error"] = "no audio root (no manifest and no --audio-root)"
             return None
-        path = f"{self.audio_root}/{sample.id}"
-        try:
-            data = read_audio(path)
-        except OSError as e:
-            meta["audio_error"] = f"cannot read {path}: {e}"
-            return None
+        path = f"{self.audio_root}/{sample.audio_id}"
+        if sample.segment is not None:
+            try:
+                data, _ = span_file(path, sample.segment.start, sample.segment.end)
+            except (AudioDecodeError, OSError) as e:
+                meta["audio_error"] = f"cannot read {sample.segment.start}-{sample.segment.end} s of {path}: {e}"
+                return None
+        else:
+            try:
+                data = read_audio(path)
+            except OSError as e:
+                meta["audio_error"] = f"cannot read {path}: {e}"
+                return None
         try:
             info = sf.info(io.BytesIO(data))
             meta.update(duration=info.frames / info.samplerate, sample_rate=info.samplerate, channels=info.channels)

@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Literal
 
 from tasks.tokenisers.base import Tokeniser
+from tasks.tokenisers.settings import SETTINGS_WITHOUT_BUILDING
 from tasks.tokenisers.specs import TokenSpec, describe_tokens
 
 TokeniserName = Literal["rpq", "simulated", "encodec"]
@@ -25,6 +26,7 @@ TOKENISER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = [
     "DEFAULT_TOKENISER", "TOKENISER_NAMES", "TokenSpec", "Tokeniser", "TokeniserName", "describe_tokens", "get_tokeniser",
+    "tokeniser_settings",
 ]
 
 
@@ -42,12 +44,33 @@ def get_tokeniser(name: str = DEFAULT_TOKENISER, *, device: str = "auto", **opti
             value the tokeniser refuses.
         ImportError: the tokeniser's optional package is not installed (encodec).
     """
+    cls = _tokeniser_class(name)
+    _check_options(name, cls, options)
+    return cls(device=device, **options)
+
+
+def tokeniser_settings(name: str = DEFAULT_TOKENISER, **options: Any) -> dict[str, Any]:
+    """`get_tokeniser(name, **options).settings`, validated alike, without building the tokeniser
+    where its settings follow from its options (rpq, simulated: no torch imported).
+
+    Raises: as `get_tokeniser`.
+    """
+    if name not in SETTINGS_WITHOUT_BUILDING:
+        return get_tokeniser(name, device="cpu", **options).settings
+    settings_of = SETTINGS_WITHOUT_BUILDING[name]
+    _check_options(name, settings_of, options)
+    return settings_of(**options)
+
+
+def _tokeniser_class(name: str) -> type[Tokeniser]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown tokeniser {name!r}; available: {', '.join(TOKENISER_NAMES)}")
     module_name, class_name = _REGISTRY[name]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    accepted = [p for p in inspect.signature(cls).parameters if p != "device"]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _check_options(name: str, accepts: Any, options: dict[str, Any]) -> None:
+    accepted = [p for p in inspect.signature(accepts).parameters if p != "device"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for tokeniser {name!r}; accepted: {', '.join(accepted)}")
-    return cls(device=device, **options)

@@ -39,12 +39,20 @@ import torch.nn.functional as F
 import whisper.audio
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
+from tasks.tokenisers.settings import (
+    RPQ_ALGORITHM_VERSION,
+    RPQ_HOP_SAMPLES,
+    RPQ_N_MELS,
+    RPQ_SAMPLE_RATE,
+    RPQ_STACK,
+    rpq_settings,
+)
 from tasks.tokenisers.specs import DescribedBySettings
 
-SAMPLE_RATE = 16_000
-N_MELS = 80
-HOP_SAMPLES = 160  # whisper.audio.HOP_LENGTH: 10 ms at 16 kHz
-STACK = 4  # frames per token: 40 ms, 25 tokens per second
+SAMPLE_RATE = RPQ_SAMPLE_RATE
+N_MELS = RPQ_N_MELS
+HOP_SAMPLES = RPQ_HOP_SAMPLES  # whisper.audio.HOP_LENGTH: 10 ms at 16 kHz
+STACK = RPQ_STACK  # frames per token: 40 ms, 25 tokens per second
 MIN_SAMPLES = HOP_SAMPLES * STACK  # 640 samples = 40 ms, the shortest clip that yields a token
 NORM_EPS = 1e-5  # std floor: constant bins (silence) stay 0 after centring instead of 0/0 = NaN
 # Every matmul sees exactly this many rows (zero-padded). BLAS picks its kernel, and so its
@@ -53,9 +61,7 @@ NORM_EPS = 1e-5  # std floor: constant bins (silence) stay 0 after centring inst
 # independent of its batch, hence batched == one-by-one exactly. Also caps the similarity
 # matrix at 32 MiB for 8192 codewords.
 ROWS_PER_MATMUL = 1024
-# Bump when the algorithm changes in a way the parameters below do not show, so stored tokens
-# made by the old code are recognised as stale.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = RPQ_ALGORITHM_VERSION  # bumped in tasks/tokenisers/settings.py
 
 
 class RpqTokeniser(DescribedBySettings):
@@ -77,12 +83,7 @@ class RpqTokeniser(DescribedBySettings):
     def __init__(
         self, *, device: str = "auto", seed: int = 0, codebook_size: int = 8192, codebook_dim: int = 16
     ) -> None:
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if codebook_size < 2:
-            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
-        if codebook_dim < 1:
-            raise ValueError(f"codebook_dim must be >= 1, got {codebook_dim}")
+        self._settings = rpq_settings(seed=seed, codebook_size=codebook_size, codebook_dim=codebook_dim)
         self.device = resolve_device(device)
         self.seed = int(seed)
         self.codebook_size = int(codebook_size)
@@ -95,20 +96,7 @@ class RpqTokeniser(DescribedBySettings):
     @property
     def settings(self) -> dict[str, Any]:
         """Everything that determines the tokens (JSON-native, for provenance)."""
-        return {
-            "name": self.name,
-            "version": ALGORITHM_VERSION,
-            "sample_rate": SAMPLE_RATE,
-            "features": "whisper-log-mel",
-            "n_mels": N_MELS,
-            "hop_samples": HOP_SAMPLES,
-            "stack": STACK,
-            "normalisation": "per-utterance-mean-var",
-            "seed": self.seed,
-            "input_dim": N_MELS * STACK,
-            "codebook_dim": self.codebook_dim,
-            "codebook_size": self.codebook_size,
-        }
+        return dict(self._settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One token list per clip, in order: `len(clip) // 640` ints in [0, codebook_size).

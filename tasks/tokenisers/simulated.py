@@ -16,11 +16,17 @@ import numpy as np
 import torch
 
 from tasks.tokenisers.base import as_float32_clips, resolve_device
+from tasks.tokenisers.settings import (
+    SIMULATED_FRAME_SAMPLES,
+    SIMULATED_SAMPLE_RATE,
+    SIMULATED_VOCAB_SIZE,
+    simulated_settings,
+)
 from tasks.tokenisers.specs import DescribedBySettings
 
-SAMPLE_RATE = 16_000
-FRAME_SAMPLES = 640  # 40 ms at 16 kHz: 25 tokens per second, like rpq
-VOCAB_SIZE = 8192
+SAMPLE_RATE = SIMULATED_SAMPLE_RATE
+FRAME_SAMPLES = SIMULATED_FRAME_SAMPLES  # 40 ms at 16 kHz: 25 tokens per second, like rpq
+VOCAB_SIZE = SIMULATED_VOCAB_SIZE
 
 
 class SimulatedTokeniser(DescribedBySettings):
@@ -39,26 +45,15 @@ class SimulatedTokeniser(DescribedBySettings):
     sample_rate = SAMPLE_RATE
 
     def __init__(self, *, device: str = "auto", delay_s: float = 0.0, workload_size: int = 256) -> None:
-        if delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, got {delay_s}")
-        if workload_size < 0:
-            raise ValueError(f"workload_size must be >= 0, got {workload_size}")
+        self._settings = simulated_settings(delay_s=delay_s, workload_size=workload_size)
         self.device = resolve_device(device)
         self.delay_s = float(delay_s)
         self.workload_size = int(workload_size)
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What determines the tokens. Not `delay_s` or `workload_size`: they change only timing,
-        and putting them here would make the pipeline re-tokenise for nothing."""
-        return {
-            "name": self.name,
-            "version": 1,
-            "sample_rate": SAMPLE_RATE,
-            "frame_samples": FRAME_SAMPLES,
-            "hash": "blake2b-64",
-            "vocab_size": VOCAB_SIZE,
-        }
+        """What determines the tokens (see `simulated_settings`: not the delay or workload)."""
+        return dict(self._settings)
 
     def tokenise(self, batch: list[np.ndarray]) -> list[list[int]]:
         """One list per clip of `len(clip) // 640` ints in [0, 8192); clips under 40 ms give [].

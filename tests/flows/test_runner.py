@@ -59,9 +59,20 @@ def test_flow_process_does_not_import_torch_without_a_gpu_driver():
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_one_local_worker_is_threads_of_this_process_several_are_processes():
+    """A lone worker process bought only start-up time (~9 s of CPU importing Prefect and torch
+    again on a 2-core machine); several let CPU-bound stages use every core past the GIL."""
+    one = cluster_plan(settings(n_workers=1), gpus=0)["cluster_kwargs"]
+    assert one["processes"] is False and "preload" not in one
+    two = cluster_plan(settings(n_workers=2), gpus=0)["cluster_kwargs"]
+    assert two["processes"] is True and two["preload"] == ["tasks.worker"]
+
+
 @pytest.mark.usefixtures("prefect_harness")
-def test_cpu_runner_runs_tasks_on_a_real_local_cluster():
-    """The CPU fallback builds a working cluster (no NVML needed) and runs tasks in its workers."""
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_cpu_runner_runs_tasks_on_a_real_local_cluster(n_workers):
+    """The CPU fallback builds a working cluster (no NVML needed) and runs tasks in its workers:
+    threads of this process for one worker, worker processes for several."""
     import os
 
     from prefect import flow, task
@@ -72,12 +83,13 @@ def test_cpu_runner_runs_tasks_on_a_real_local_cluster():
     def worker_pid() -> int:
         return os.getpid()
 
-    @flow(task_runner=make_task_runner(settings(n_workers=1, threads_per_worker=1), gpus=0))
+    @flow(task_runner=make_task_runner(settings(n_workers=n_workers, threads_per_worker=1), gpus=0))
     def tiny() -> int:
         return worker_pid.submit().result()
 
     share_api_url_with_workers()  # before the cluster starts: workers inherit the environment
-    assert tiny() != os.getpid()  # ran in a Dask worker process, not here
+    in_this_process = tiny() == os.getpid()
+    assert in_this_process is (n_workers == 1)
 
 
 @pytest.mark.gpu

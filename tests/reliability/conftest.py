@@ -138,10 +138,16 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 def read_results(results: Path) -> tuple[dict[str, dict], list[dict]]:
-    """Every JSONL line under `results` (lines by id, error records); each must parse, ids once."""
+    """Every result line under `results` (lines by id, error records, the refused files' included);
+    each must parse, ids once. What is a result is the product's one rule (`output_of`)."""
+    from tasks.storage import REFUSED_ERRORS, output_of
+
     lines: dict[str, dict] = {}
     errors: list[dict] = []
     for path in sorted(results.rglob("*.jsonl")):
+        relative = str(path.relative_to(results))
+        if output_of(relative) is None and relative != REFUSED_ERRORS:
+            continue
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         if path.name.endswith(".errors.jsonl"):
             assert all(set(r) == {"id", "stage", "error"} for r in records), path

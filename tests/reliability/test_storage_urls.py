@@ -63,7 +63,7 @@ def test_memory_roots_plan_threads_and_refuse_a_remote_cluster():
     empty memory filesystem: no audio to read, and their intermediates lost to the merge."""
     plan = cluster_plan(PipelineSettings(audio_root="memory://a", results_root="/tmp/r", n_workers=2), gpus=1)
     assert plan["kind"] == "local" and plan["cluster_kwargs"]["processes"] is False
-    assert cluster_plan(PipelineSettings(audio_root="/a", results_root="/r"), gpus=0)["cluster_kwargs"]["processes"]
+    assert cluster_plan(PipelineSettings(audio_root="/a", results_root="/r", n_workers=2), gpus=0)["cluster_kwargs"]["processes"]
     with pytest.raises(ValueError, match="memory://"):
         cluster_plan(PipelineSettings(audio_root="/a", results_root="memory://r", dask_address="tcp://127.0.0.1:1"))
 
@@ -132,7 +132,7 @@ def test_s3_audio_and_results_through_the_cli(s3_endpoint, whisper_service_url, 
     assert not [p for p in fs.find("out/run") if ".tmp-" in p]  # object stores: whole PUTs, no temp names
 
     # A rerun would send nothing again: listing S3 now gives every file the same source identity
-    # (size, LastModified) that its intermediates recorded, so all of them are reusable (given a
+    # (size, ETag) that its intermediates recorded, so all of them are reusable (given a
     # service that names its decode fingerprint; without one nothing is).
     for key, value in {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}.items():
         monkeypatch.setenv(key, value)
@@ -159,3 +159,61 @@ def service_fingerprint(url: str) -> str | None:
 
     return httpx.get(f"{url}/healthz", timeout=10).json().get("fingerprint")
 
+
+
+def test_s3_same_size_same_second_overwrite_is_redone_and_an_unchanged_object_is_not(s3_endpoint, monkeypatch):
+    """Issue 20 case 3: S3's LastModified has 1 s resolution, so two PUTs of the same size in one
+    second looked like one version and the new audio kept the old transcript and tokens. The
+    source key now carries the ETag. moto's clock is held on one instant, so both PUTs get the
+    same LastModified, exactly what a script re-uploading fixed-length clips gets on S3."""
+    import io
+
+    import moto.s3.models
+    import numpy as np
+    import s3fs
+    import soundfile as sf
+
+    from tests.tasks.contract_service import ContractService
+    from tests.tasks.steps import expect_for, read_jsonl as read_store_jsonl, run_steps, settings_for
+
+    for key, value in {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_endpoint})
+    instant = moto.s3.models.utcnow()
+    monkeypatch.setattr(moto.s3.models, "utcnow", lambda: instant)
+
+    def wav(seed: int) -> bytes:
+        out = io.BytesIO()
+        sf.write(out, (0.1 * np.random.default_rng(seed).standard_normal(6400)).astype(np.float32), 16_000,
+                 format="WAV")
+        return out.getvalue()
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing", skip_instance_cache=True)
+    bucket = f"identity-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.pipe_file(f"{bucket}/audio/p1/u1.wav", wav(1))
+    fs.pipe_file(f"{bucket}/audio/p1/u2.wav", wav(2))
+    with ContractService() as service:
+        settings = settings_for(f"s3://{bucket}/audio", f"s3://{bucket}/results", service.url)
+        store = Store(settings.results_root)
+        expect = expect_for(settings)
+        run_steps(settings, store, expect)
+        first = {r["id"]: r for r in read_store_jsonl(store, "p1.jsonl")}
+        before = fs.info(f"{bucket}/audio/p1/u1.wav")
+        fs.pipe_file(f"{bucket}/audio/p1/u1.wav", wav(3))  # new audio, same size, same second
+        fs.invalidate_cache()
+        after = fs.info(f"{bucket}/audio/p1/u1.wav")
+        assert (after["size"], after["LastModified"]) == (before["size"], before["LastModified"])
+        assert after["ETag"] != before["ETag"]
+
+        sent = len(service.requests)
+        again = run_steps(settings, store, expect)
+        assert service.requests[sent:] == ["u1.wav"]  # re-transcribed; the unchanged u2 is not
+        assert (again.stage("tokenise").done, again.stage("tokenise").reused) == (1, 1)  # re-tokenised
+        lines = {r["id"]: r for r in read_store_jsonl(store, "p1.jsonl")}
+        sent = len(service.requests)
+        run_steps(settings, store, expect)
+        assert len(service.requests) == sent  # and nothing changed: nothing sent
+    assert lines["p1/u1.wav"]["transcription"] != first["p1/u1.wav"]["transcription"]
+    assert lines["p1/u2.wav"] == first["p1/u2.wav"]
+    assert store.read_tokens("p1/u1.wav").source.mtime == f"etag:{after['ETag'].strip(chr(34))}"

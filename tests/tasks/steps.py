@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 from fsspec.implementations.memory import MemoryFileSystem
 
-from tasks.discover import list_audio, make_batches
+from tasks.discover import AudioRoot, list_audio, make_batches
 from tasks.merge import merge_folder
 from tasks.records import FolderReport, OutputOptions, Provenance, StageReport
 from tasks.settings import PipelineSettings
@@ -78,7 +78,8 @@ def run_steps(settings: PipelineSettings, store: Store, expect: Provenance,
     run of its own: a fresh `run_id` unless `expect` names one (as the flow stamps its run's id)."""
     if expect.run_id is None:
         expect = expect.model_copy(update={"run_id": uuid.uuid4().hex})
-    files, discover_errors = list_audio(settings.audio_root, settings.extensions)
+    files, discover_errors = list_audio(settings.audio_root, settings.extensions,
+                                        verify_content=settings.verify_content)
     run = Run()
     for name, call in (
         ("transcribe", lambda: transcribe_files(files, settings, store, expect)),
@@ -93,7 +94,8 @@ def run_steps(settings: PipelineSettings, store: Store, expect: Provenance,
         by_folder[f.folder].append(f)
     for folder, group in sorted(by_folder.items()):
         known = [e for e in discover_errors if e.id.startswith(folder + "/")]
-        run.folders[folder] = merge_folder(folder, group, store, expect, known, run.stage_errors or None, output)
+        audio = AudioRoot(settings.audio_root, settings.extensions, settings.verify_content)
+        run.folders[folder] = merge_folder(folder, group, store, expect, known, run.stage_errors or None, output, audio)
     return run
 
 

@@ -66,12 +66,12 @@ def test_a_rerun_costs_requests_per_folder_not_per_file(tmp_path):
         large = rerun_requests(tmp_path, service, per_folder=12)
     # Unchanged: the same count for 12 files as for 3 folders x 4 files, and a few per folder:
     # one slim-index read per stage, then merge's slim-index read, its streamed reads of the
-    # index content and of the JSONL (to compare: nothing is written), the errors-file delete and
-    # the two stats of its stamp (JSONL, errors file). The flow's planner skips even these for an
-    # unchanged folder (tests/tasks/test_settled.py); these are the stages' and merge's own costs.
+    # index content and of the JSONL (its ids and hash: nothing is written, no line vanished), a
+    # read of the errors file (absent: no delete) and the two stats of its stamp. The flow's
+    # planner skips even these for an unchanged folder (tests/tasks/test_settled.py); these are
+    # the stages' and merge's own costs.
     assert small[0] == large[0] <= 8 * len(FOLDERS), (small, large)
-    assert small[2] == {"get": 3 * len(FOLDERS), "open": 2 * len(FOLDERS), "delete": len(FOLDERS),
-                        "head": 2 * len(FOLDERS)}, small[2]
+    assert small[2] == {"get": 4 * len(FOLDERS), "open": 2 * len(FOLDERS), "head": 2 * len(FOLDERS)}, small[2]
     # Two new files in one folder cost a bounded number more (their intermediates: a failed
     # lookup, a write and merge's read, per stage; the folder's JSONL and index rewritten).
     assert small[1] == large[1] <= small[0] + 2 * 2 * 3 + 4, (small, large)

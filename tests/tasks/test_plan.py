@@ -93,3 +93,20 @@ def test_checks_that_stop_a_run_before_any_work(tmp_path):
                                                            audio_root="x", batch_size=0).value)
     probe_results_root(str(tmp_path / "new" / "results"))
     assert not (tmp_path / "new").exists()  # the probe leaves nothing behind
+
+
+def test_the_probe_removes_only_the_empty_folders_it_made(tmp_path, monkeypatch):
+    """Two first runs at once: one run's probe must not delete the folder in which the other has
+    just written its owner claim (it removed the whole tree it had created, files and all)."""
+    import tasks.preflight as preflight
+
+    results = tmp_path / "new" / "results"
+    real_remove = preflight.Store.remove
+
+    def the_other_run_claims_meanwhile(store, relative):
+        real_remove(store, relative)
+        (results / "_owner.json").write_text("{}")  # the other run, between our write and cleanup
+
+    monkeypatch.setattr(preflight.Store, "remove", the_other_run_claims_meanwhile)
+    probe_results_root(str(results))
+    assert (results / "_owner.json").exists()

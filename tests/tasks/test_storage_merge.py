@@ -9,9 +9,10 @@ import tracemalloc
 
 import pytest
 
+from tasks.discover import folder_problem
 from tasks.merge import merge_folder
 from tasks.records import AudioFile, Failure, FileError, Provenance, SourceInfo, Tokens, Transcription
-from tasks.storage import Store, stem_id
+from tasks.storage import Output, Store, output_of, stem_id
 
 SRC = SourceInfo(size=10, mtime="1")
 EXPECT = Provenance(decode_fingerprint="fp1", language=None, tokenizer_settings={"seed": 0})
@@ -83,9 +84,38 @@ def test_folders_with_results_are_the_jsonl_files_only(store):
     assert store.folders_with_results() == set()
     for relative in ("p225.jsonl", "p225.errors.jsonl", "b/deep/er.jsonl", "gone.errors.jsonl",
                      "transcriptions/p225/p225_001.json", "tokens/p225/x.json", ".locks/abc.lock", "notes.txt",
-                     ".index/p225.json", ".index/b/deep/er.json"):
+                     ".index/p225.json", ".index/b/deep/er.json",
+                     # internal files that end in .jsonl (issue 20): a run's refused list, the run-level
+                     # refused errors file, a report, future intermediates, temps of a killed writer
+                     "_runs/20261206T084210Z-278ce5d9/refused.jsonl", "_refused.errors.jsonl",
+                     "_report/x.jsonl", "segments/p225/a.jsonl", ".tmp-x.part", "p1.jsonl.tmp-0a1b"):
         store.write_bytes(relative, b"{}\n")
     assert store.folders_with_results() == {"p225", "b/deep/er"}
+    assert sorted(store.outputs()) == [
+        ("b/deep/er.jsonl", Output("b/deep/er", "lines")), ("gone.errors.jsonl", Output("gone", "errors")),
+        ("p225.errors.jsonl", Output("p225", "errors")), ("p225.jsonl", Output("p225", "lines")),
+    ]
+
+
+def test_one_rule_says_what_is_a_folders_output_and_discovery_refuses_folders_that_would_break_it():
+    from flows.artifacts import REPORT_DIR
+    from tasks.folder_index import INDEX_DIR
+    from tasks.manifest import MANIFEST_NAME
+    from tasks.ownership import OWNER_FILE
+    from tasks.plan import RUNS_DIR
+    from tasks.storage import INTERNAL_DIRS, INTERNAL_FILES, REFUSED_ERRORS
+
+    # Every folder and file the product names for itself is registered with the rule.
+    assert {REPORT_DIR, INDEX_DIR, RUNS_DIR, "transcriptions", "tokens", "segments"} <= INTERNAL_DIRS
+    assert {OWNER_FILE, REFUSED_ERRORS, MANIFEST_NAME} <= INTERNAL_FILES
+    assert output_of("_runs.jsonl") == Output("_runs", "lines")  # a speaker folder named _runs: fine
+    assert output_of("tokens.jsonl") == Output("tokens", "lines")
+    for internal in ("_runs/r/refused.jsonl", "tokens/p1.jsonl", "segments/p1.jsonl", "_refused.errors.jsonl",
+                     ".index/p1.jsonl", "p1/.hidden.jsonl", "p1.json", "_owner.json", "manifest.json"):
+        assert output_of(internal) is None, internal
+    # Folders whose outputs would land among internal names are refused at discovery.
+    assert folder_problem("_runs/x") and folder_problem("tokens/p1") and folder_problem("_refused")
+    assert folder_problem("_runs") is None and folder_problem("tokens") is None and folder_problem("p1/_runs") is None
 
 
 def test_merge_sorted_complete_lines_and_errors(store):

@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from tasks.tokenisers import TOKENISER_NAMES, Tokeniser, get_tokeniser
+from tasks.tokenisers import TOKENISER_NAMES, Tokeniser, get_tokeniser, tokeniser_settings
 from tasks.tokenisers.base import resolve_device
 
 REPO = Path(__file__).resolve().parents[2]
@@ -305,3 +305,32 @@ def test_encodec_codes_from_a_local_state_dict(tmp_path: Path, clips: dict[str, 
         assert all(0 <= t < 1024 for t in tokens)
     assert codes[:2] == [tokeniser.tokenise([c])[0] for c in batch]
     assert codes[0] != codes[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("rpq", {}), ("rpq", {"seed": 3, "codebook_size": 1024, "codebook_dim": 8}), ("simulated", {"delay_s": 0.1})],
+)
+def test_settings_without_building_equal_the_built_tokenisers(name: str, options: dict) -> None:
+    """The flow process plans reuse from these settings: they must be the tokens' own provenance."""
+    assert tokeniser_settings(name, **options) == get_tokeniser(name, device="cpu", **options).settings
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [("rpq", {"seeed": 1}, "unknown option"), ("rpq", {"seed": -1}, "seed must be >= 0"),
+     ("simulated", {"delay_s": -1}, "delay_s must be >= 0"), ("nope", {}, "unknown tokeniser")],
+)
+def test_settings_without_building_refuse_what_building_refuses(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tokeniser_settings(name, **options)
+    with pytest.raises(ValueError, match=message):
+        get_tokeniser(name, device="cpu", **options)
+
+
+def test_checking_the_default_tokeniser_imports_no_torch() -> None:
+    """Preflight runs in the flow process on every run: torch there cost ~5 s of CPU per start."""
+    code = ("import sys; from tasks.preflight import check_tokeniser; from tasks.settings import PipelineSettings; "
+            "check_tokeniser(PipelineSettings(audio_root='/a')); print('torch' in sys.modules, 'whisper' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr

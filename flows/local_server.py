@@ -1,0 +1,55 @@
+"""`python -m flows.local_server --port P --idle-s S`: Prefect's temporary server, kept between runs.
+
+The same app, settings and database as the server Prefect starts for a run when no API is
+configured (`flows.prefect_api.SERVER_ENV`, `create_app`), served by uvicorn on 127.0.0.1, but
+it outlives the CLI run that started it, so the next run within `--idle-s` seconds of the last
+request finds it ready instead of spending ~12 s of CPU starting another. It stops itself after
+that long without a request: nothing is left running for good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--idle-s", type=float, required=True, help="Stop after this long without a request.")
+    args = parser.parse_args()
+
+    from flows.prefect_api import SERVER_ENV
+
+    os.environ.update(SERVER_ENV)  # before Prefect reads its settings
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app()
+    last_request = [time.monotonic()]
+
+    async def tracked(scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            last_request[0] = time.monotonic()
+        await app(scope, receive, send)
+
+    server = uvicorn.Server(uvicorn.Config(tracked, host="127.0.0.1", port=args.port, log_level="error",
+                                           lifespan="on"))
+
+    def stop_when_idle() -> None:
+        while not server.started and not server.should_exit:  # the idle clock starts once it serves
+            time.sleep(0.5)
+        last_request[0] = time.monotonic()
+        while not server.should_exit:
+            time.sleep(min(5.0, args.idle_s / 4))
+            if time.monotonic() - last_request[0] > args.idle_s:
+                server.should_exit = True
+
+    threading.Thread(target=stop_when_idle, daemon=True, name="idle-stop").start()
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The CLI's temporary Prefect server: Prefect's own command, started early, drained and stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.prefect_api import RECORD, SERVER_ENV, healthy, uvicorn_command
+
+
+def test_the_command_is_the_one_prefect_runs_for_its_temporary_server(monkeypatch):
+    """Pinned to Prefect's `SubprocessASGIServer`: an upgrade that changes it fails here first."""
+    import prefect.server.api.server as server_module
+
+    seen: dict = {}
+
+    def capture(args, env=None, **kwargs):
+        seen.update(args=args, env=env)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(server_module.subprocess, "Popen", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        server_module.SubprocessASGIServer(port=45678)._run_uvicorn_command()
+    assert seen["args"] == uvicorn_command(45678)
+    assert {k: seen["env"][k] for k in SERVER_ENV} == SERVER_ENV
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=400)
+
+
+def _env(tmp_path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600", **extra}
+
+
+def test_a_configured_api_starts_nothing(tmp_path):
+    out = _python(
+        """
+        from flows.prefect_api import prefect_api
+        with prefect_api() as server:
+            print(server)
+        """,
+        _env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+
+
+@pytest.mark.slow
+def test_a_temporary_server_serves_the_flow_and_stops_after_it(tmp_path):
+    """The flow uses the server started before it (no second temporary server), its logs reach
+    the server before it stops (no 'Error logging to API' retries at exit), and it is stopped."""
+    out = _python(
+        """
+        import os
+        from prefect import flow, get_run_logger
+        from flows.prefect_api import prefect_api
+
+        @flow
+        def hello() -> str:
+            get_run_logger().info("hello from the flow")
+            return os.environ["PREFECT_API_URL"]
+
+        with prefect_api("temporary") as server:
+            server.wait_ready()
+            used = hello()
+        print(used == server.api_url, server.process.poll() is not None, "PREFECT_API_URL" in os.environ)
+        """,
+        _env(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-3:] == ["True", "True", "False"], out.stdout + out.stderr
+    assert "Starting temporary server" not in out.stderr  # Prefect did not start one of its own
+    assert "Error logging to API" not in out.stdout + out.stderr
+
+
+KEPT_RUN = """
+import os, sys
+from prefect import flow
+from flows.prefect_api import prefect_api
+
+@flow
+def hello() -> str:
+    return os.environ["PREFECT_API_URL"]
+
+with prefect_api("keep", idle_s=float(sys.argv[1])) as server:
+    started_here = server.process is not None
+    server.wait_ready()
+    assert hello() == server.api_url
+print(server.api_url, started_here)
+"""
+
+
+@pytest.mark.slow
+def test_a_kept_server_serves_the_next_run_and_stops_itself_when_idle(tmp_path):
+    """The first run starts the server, the second finds it ready (no start-up on a rerun),
+    and it stops by itself once idle: nothing is left running for good."""
+    env = _env(tmp_path)
+    runs = [subprocess.run([sys.executable, "-c", KEPT_RUN, "20"], env=env, capture_output=True, text=True,
+                           timeout=400) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    (first_url, first_started), (second_url, second_started) = (r.stdout.split()[-2:] for r in runs)
+    assert first_started == "True" and second_started == "False"
+    assert first_url == second_url
+    record = json.loads((tmp_path / "prefect-home" / RECORD).read_text())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and Path(f"/proc/{record['pid']}").exists():
+        time.sleep(1)
+    assert not healthy(first_url), "the kept server did not stop after 20 s without a request"
+    assert not Path(f"/proc/{record['pid']}").exists() or b"zombie" in Path(f"/proc/{record['pid']}/status").read_bytes()
