@@ -210,6 +210,9 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._events)
 
+    def queued(self) -> list[Event]:
+        return list(self._events)
+
     def add(self, events: Sequence[Event]) -> None:
         self.store.append(events)
         self._events.extend(events)

@@ -34,6 +34,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.outbox import EventSink, Outbox, OutboxFile, WatcherConfigError
+from deployments.recheck import PrefectRuns, Recheck, RunSource
 from tasks.discover import is_candidate
 from tasks.records import folder_of
 from tasks.settings import DEFAULT_EXTENSIONS
@@ -50,8 +51,16 @@ class WatcherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AUDIO_PIPELINE_WATCH_", frozen=True, extra="ignore")
 
     state_dir: Path | None = Field(
-        None, description="Outbox and parked events; default $XDG_STATE_HOME/audio-pipeline/watch/<root>."
+        None, description="The outbox folder itself (outbox.jsonl, parked.jsonl); default "
+        "$XDG_STATE_HOME/audio-pipeline/watch/<root>-<hash>. One per watched root."
     )
+    recheck_seconds: float = Field(
+        60.0, gt=0, description="How often to ask the API whether a run has covered the announced files."
+    )
+    retry_seconds: float = Field(
+        60.0, ge=0, description="Wait after a failed run before announcing its files again; doubles per failure."
+    )
+    retries: int = Field(6, ge=0, description="Announce again at most this many times in a row, then give up.")
 
 
 def default_state_dir(root: Path) -> Path:
@@ -144,22 +153,26 @@ class StabilityTracker:
         return done
 
 
-def file_event(root: Path, path: Path, size: int, mtime_ns: int) -> Event:
-    """The `audio.file.created` event of one file under `root` (an absolute, resolved path)."""
+def file_event(root: Path, path: Path, size: int, mtime_ns: int, attempt: int = 0) -> Event:
+    """The `audio.file.created` event of one file under `root` (an absolute, resolved path);
+    `attempt` > 0: announced again after a failed run (`deployments.recheck`)."""
     file_id = path.relative_to(root).as_posix()
     resource_id = f"audio.file.{root.as_posix()}/{file_id}"
+    payload = {"audio_root": root.as_posix(), "folder": folder_of(file_id), "id": file_id, "size": size}
+    if attempt:
+        payload["attempt"] = attempt
     return Event(
         event=EVENT_NAME,
         # The same file version always gets the same id: a batch resent after a lost answer is
-        # stored once (the server's events table is keyed by id).
-        id=uuid.uuid5(_EVENT_NAMESPACE, f"{resource_id}:{size}:{mtime_ns}"),
+        # stored once (the server's events table is keyed by id). An announcement again is new.
+        id=uuid.uuid5(_EVENT_NAMESPACE, f"{resource_id}:{size}:{mtime_ns}" + (f":again{attempt}" if attempt else "")),
         resource={
             "prefect.resource.id": resource_id,
             "prefect.resource.name": file_id,
             "audio.root": root.as_posix(),
             "audio.folder": folder_of(file_id),
         },
-        payload={"audio_root": root.as_posix(), "folder": folder_of(file_id), "id": file_id, "size": size},
+        payload=payload,
     )
 
 
@@ -189,6 +202,7 @@ def watch(
     sink: EventSink | None = None,
     poll_ms: int = 250,
     state_dir: str | os.PathLike[str] | None = None,
+    runs: RunSource | None = None,
 ) -> int:
     """Emit `audio.file.created` for every audio file written under `audio_root` until stopped.
 
@@ -208,6 +222,8 @@ def watch(
         poll_ms: how often pending files are checked when nothing else happens.
         state_dir: the outbox's directory; default `AUDIO_PIPELINE_WATCH_STATE_DIR`, else one
             per root under `$XDG_STATE_HOME/audio-pipeline/watch/`.
+        runs: where to ask which runs covered the announced files (`deployments.recheck`);
+            default the Prefect API with the default sink, none (no re-announcing) otherwise.
 
     Returns:
         The number of events delivered.
@@ -221,16 +237,35 @@ def watch(
     if not root.is_dir():
         raise FileNotFoundError(f"audio root not found or not a directory: {audio_root}")
     exts = tuple(e.lower() for e in extensions)
-    sink = sink if sink is not None else PrefectEventSink()
+    if sink is None:
+        sink, runs = PrefectEventSink(), runs if runs is not None else PrefectRuns()
+    config = WatcherSettings()
+    recheck = Recheck(root, runs, config.recheck_seconds, config.retry_seconds, config.retries) if runs else None
     store = OutboxFile(state_dir if state_dir is not None else default_state_dir(root))
     try:
-        return _watch(root, exts, Outbox(sink, store), StabilityTracker(stable_seconds), stop_event, poll_ms)
+        outbox = Outbox(sink, store)
+        if recheck:
+            recheck.confirmations.announced(outbox.queued())
+        return _watch(root, exts, outbox, StabilityTracker(stable_seconds), stop_event, poll_ms, recheck)
     finally:
         store.close()
 
 
+def _announce_again(root: Path, recheck: Recheck, file_id: str) -> Event | None:
+    """A fresh event for `file_id`, or for the newest pending file still on disk."""
+    candidates = [file_id, *(i for _, i in reversed(recheck.confirmations.pending) if i != file_id)]
+    for candidate in candidates[:100]:
+        path = root / candidate
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        return file_event(root, path, st.st_size, st.st_mtime_ns, attempt=recheck.confirmations.failed_in_a_row)
+    return None
+
+
 def _watch(root: Path, exts: tuple[str, ...], outbox: Outbox, tracker: StabilityTracker,
-           stop_event: threading.Event | None, poll_ms: int) -> int:
+           stop_event: threading.Event | None, poll_ms: int, recheck: Recheck | None = None) -> int:
     def audio_or_folder(change: watchfiles.Change, path: str) -> bool:
         if is_candidate(path, exts):
             return True
@@ -296,6 +331,10 @@ def _watch(root: Path, exts: tuple[str, ...], outbox: Outbox, tracker: Stability
                 logger.info("new audio file %s (%d bytes)", event.payload["id"], size)
                 events.append(event)
             outbox.add(events)
+            if recheck:
+                if (again := recheck.poll(now)) and (event := _announce_again(root, recheck, again)):
+                    outbox.add([event])
+                recheck.confirmations.announced(events)
             outbox.flush(now)
     except KeyboardInterrupt:  # Ctrl-C while sending rather than inside watchfiles
         pass

@@ -13,6 +13,7 @@ work; a run whose failed files exceed `max_failed_fraction` ends Failed, with th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from tasks.export.task import run_exports
 from tasks.manifest import write_manifest
 from tasks.merge import REMOVED_SHOWN, merge_folders, merge_group, write_refused
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
-from tasks.preflight import RunNotStartedError, preflight, settings_or_error
+from tasks.preflight import RunNotStartedError, in_parameter_terms, preflight, settings_or_error
 from tasks.records import FileError, FolderReport, RunSummary
 from tasks.segments import segment_task
 from tasks.settings import PipelineSettings
@@ -47,6 +48,7 @@ REASON_CHARS = 1000  # a failed task's error as passed to its merge: bounded, li
 def parallel_transcribe_tokenise(
     audio_root: str,
     results_root: str | None = None,
+    results_base: str | None = None,
     service_url: str | None = None,
     tokenizer: str | None = None,
     batch_size: int | None = None,
@@ -68,7 +70,9 @@ def parallel_transcribe_tokenise(
 
     Args:
         audio_root: Local path or fsspec URL of the speaker folders.
-        results_root: Local path or fsspec URL for outputs (default `results`).
+        results_root: Local path or fsspec URL for outputs (default: by the `results_base` rule, else `results`).
+        results_base: When `results_root` is empty: results go to `{results_base}/{name}-{hash}`, one
+            folder per audio root (`tasks.settings.results_root_for`), so one deployment serves many roots.
         service_url: Whisper service base URL (default `http://localhost:8000`).
         tokenizer: rpq (default), simulated or encodec.
         batch_size: Files per batch, one engine call each (default 32).
@@ -84,20 +88,49 @@ def parallel_transcribe_tokenise(
             their times preserved (reads every file at every run; default false).
         segmentation: Long recordings (`SegmentOptions`): e.g. {"segment_over_s": 60} or {"no_segment": true}.
     """
-    settings = settings_from_parameters(
-        audio_root=audio_root, results_root=results_root, service_url=service_url, tokenizer=tokenizer,
-        batch_size=batch_size, extensions=extensions, dask_address=dask_address, n_workers=n_workers,
-        with_quality=with_quality, drop_flagged=drop_flagged, max_failed_fraction=max_failed_fraction,
-        export_formats=export_formats, export_root=export_root, verify_content=verify_content,
-        segmentation=segmentation,
-    )
-    summary = run_pipeline(settings)
+    try:
+        settings = settings_from_parameters(
+            audio_root=audio_root, results_root=results_root, results_base=results_base, service_url=service_url,
+            tokenizer=tokenizer, batch_size=batch_size, extensions=extensions, dask_address=dask_address,
+            n_workers=n_workers, with_quality=with_quality, drop_flagged=drop_flagged,
+            max_failed_fraction=max_failed_fraction, export_formats=export_formats, export_root=export_root,
+            verify_content=verify_content, segmentation=segmentation,
+        )
+        if results_root is None and settings.results_base:
+            get_run_logger().info("results root %s (results_base %s, one folder per audio root)",
+                                  settings.results_root, settings.results_base)
+        summary = run_pipeline(settings)
+    except RunNotStartedError as e:
+        return not_started(e)
     if too_many_failed(summary, settings.max_failed_fraction) or summary.export_errors:
         # Returned, not raised: the run ends Failed with this message and no traceback in its log;
         # a direct call raises it, and `summary_of(state)` gives the summary back.
         message = failed_message(summary, settings.max_failed_fraction)
         return Failed(message=message, data=FilesFailedError(message, summary))
     return summary
+
+
+REFUSED_TAG = "refused"  # deployments.recheck reads it: the watcher does not announce such a run's files again
+
+
+def not_started(error: RunNotStartedError) -> State:
+    """A run that could not start ends Failed with the one-line reason: one ERROR log line, no traceback.
+
+    Tagged `refused` when the same run would be refused again (allow-list, owner, bad settings,
+    missing root): the watcher does not announce such a root's files again; a transient cause
+    (the service not reachable) is not tagged. The state keeps the name Failed, so automations
+    on Failed runs fire. The hint names the flow's parameters (`results_root`), as a
+    deployment's caller knows them; a direct call (the CLI) still raises the original error.
+    """
+    message = in_parameter_terms(str(error))
+    get_run_logger().error("the run could not start: %s", message)
+    context = FlowRunContext.get()
+    if not error.transient and context and context.flow_run and context.client:
+        try:
+            context.client.update_flow_run(context.flow_run.id, tags=[*context.flow_run.tags, REFUSED_TAG])
+        except Exception as e:  # noqa: BLE001 (a missing tag costs a watcher's bounded retries, not the run)
+            get_run_logger().debug("could not tag the run %s: %s", REFUSED_TAG, e)
+    return Failed(message=message, data=error)
 
 
 class FilesFailedError(RuntimeError):
@@ -109,6 +142,21 @@ class FilesFailedError(RuntimeError):
 
     def __reduce__(self):  # picklable with its summary (Prefect may persist the state's data)
         return type(self), (str(self), self.summary)
+
+
+class OneLineFailures(logging.Filter):
+    """Drops the engine's traceback for a run that ended Failed by design (could not start, too many
+    files failed). Prefect 3.9's engine process re-raises a returned Failed state's exception and
+    logs it as "Engine execution exited with unexpected exception" with the whole chain (~80
+    lines); the reason is already the state's message and one ERROR line of the flow's own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (RunNotStartedError, FilesFailedError))
+
+
+if not any(isinstance(f, OneLineFailures) for f in logging.getLogger("prefect.flow_runs").filters):
+    logging.getLogger("prefect.flow_runs").addFilter(OneLineFailures())
 
 
 def settings_from_parameters(**parameters: object) -> PipelineSettings:

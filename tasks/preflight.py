@@ -10,6 +10,7 @@ the tokeniser, the service.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from typing import Any
 
@@ -17,7 +18,7 @@ import fsspec
 from pydantic import ValidationError
 
 from tasks.access import RootNotAllowedError, check_roots_allowed, is_within
-from tasks.ownership import ForeignResultsRootError, check_owner
+from tasks.ownership import OWNER_FILE, ForeignResultsRootError, check_owner
 from tasks.plan import tokeniser_settings
 from tasks.records import Provenance, Record
 from tasks.settings import PipelineSettings
@@ -25,7 +26,34 @@ from tasks.storage import Store
 
 
 class RunNotStartedError(RuntimeError):
-    """The run could not start; nothing was scheduled. The message is one line saying why."""
+    """The run could not start; nothing was scheduled. The message is one line saying why.
+
+    `transient` is False: the same run will be refused again until someone changes the setup
+    (a deployment's run is tagged `refused`, and the watcher does not announce its files again).
+    """
+
+    transient = False
+
+
+class ServiceNotReadyError(RunNotStartedError):
+    """The Whisper service could not be reached or was not ready: the same run may work later."""
+
+    transient = True
+
+
+# The CLI's flags as a flow run's caller names them (deployment parameters, `--param NAME=...`).
+PARAMETER_OF_FLAG = {
+    "--results": "results_root", "--service-url": "service_url", "--tokenizer": "tokenizer",
+    "--batch-size": "batch_size", "--workers": "n_workers", "--dask-address": "dask_address",
+    "--extensions": "extensions", "--export-root": "export_root", "--export": "export_formats",
+    "--max-failed-fraction": "max_failed_fraction",
+}
+_FLAG = re.compile(r"(?<![\w/.-])(--[a-z][a-z-]*)(?![\w-])")
+
+
+def in_parameter_terms(message: str) -> str:
+    """A refusal's hint as a deployment's user reads it: `--results` becomes `results_root`, ..."""
+    return _FLAG.sub(lambda m: PARAMETER_OF_FLAG.get(m.group(1), m.group(1)), message)
 
 
 class Checked(Record):
@@ -59,11 +87,28 @@ def check_roots(settings: PipelineSettings, claim: bool = False) -> None:
     if not ok:
         raise RunNotStartedError(f"audio root not found or not a directory: {settings.audio_root}")
     probe_results_root(settings.results_root)
+    check_not_nested(settings.results_root)
     check_export_dir(settings)
     try:
         check_owner(settings.results_root, settings.audio_root, claim=claim)
     except ForeignResultsRootError as e:
         raise RunNotStartedError(str(e)) from e
+
+
+def check_not_nested(results_root: str) -> None:
+    """A local results root must not lie inside another one (a folder above it with `_owner.json`):
+    the outer root's runs would take the inner one's JSONL for their own folders."""
+    store = Store(results_root)
+    if not store.is_local:
+        return
+    path = store.canonical
+    while (parent := os.path.dirname(path)) != path:
+        path = parent
+        if os.path.exists(os.path.join(path, OWNER_FILE)):
+            raise RunNotStartedError(
+                f"results root {results_root!r} lies inside {path!r}, the results root of another run "
+                f"({OWNER_FILE} there); choose one outside it (--results, or a results_base outside it)"
+            )
 
 
 def check_export_dir(settings: PipelineSettings) -> None:
@@ -141,7 +186,7 @@ def check_service_ready(settings: PipelineSettings) -> dict[str, Any]:
     try:
         return check_service(settings)
     except ServiceUnavailableError as e:
-        raise RunNotStartedError(str(e)) from e
+        raise ServiceNotReadyError(str(e)) from e
 
 
 def preflight(settings: PipelineSettings, claim: bool = False) -> Checked:

@@ -6,7 +6,9 @@ workers by pickling, so it holds plain values only.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -55,7 +57,12 @@ class PipelineSettings(BaseSettings):
     )
 
     audio_root: str = Field(description="Local path or fsspec URL of the speaker folders.")
-    results_root: str = Field("results", description="Local path or fsspec URL for outputs.")
+    results_root: str = Field(
+        "results", description="Local path or fsspec URL for outputs (default: see results_base, else results)."
+    )
+    results_base: str | None = Field(
+        None, description="When results_root is not given: results go to {results_base}/{name}-{hash} of the audio root."
+    )
     service_url: str = Field("http://localhost:8000", description="Whisper service base URL.")
     service_token: SecretStr | None = Field(None, description="Bearer token for the service.")
     tokenizer: str = Field("rpq", description="Tokeniser name: rpq, simulated, encodec.")
@@ -110,6 +117,14 @@ class PipelineSettings(BaseSettings):
         (), description="Roots (paths or URL prefixes) a run may read audio from and write results to; empty: any."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _results_root_by_rule(cls, data: Any) -> Any:
+        """No results_root given (argument or AUDIO_PIPELINE_RESULTS_ROOT) but a results_base: the rule decides."""
+        if isinstance(data, dict) and data.get("results_base") and not data.get("results_root") and data.get("audio_root"):
+            data = {**data, "results_root": results_root_for(str(data["audio_root"]), str(data["results_base"]))}
+        return data
+
     @field_validator("extensions", mode="before")
     @classmethod
     def _normalise_extensions(cls, value: Any) -> tuple[str, ...]:
@@ -157,3 +172,28 @@ class PipelineSettings(BaseSettings):
 
     def tokenizer_fingerprint(self) -> dict[str, Any]:
         return {"name": self.tokenizer, **self.tokenizer_options}
+
+
+def results_root_for(audio_root: str, results_base: str) -> str:
+    """The results root of `audio_root` under `results_base`: `{base}/{name}-{hash}`.
+
+    One deployment serves many audio roots, and one results root belongs to one audio root
+    (`_owner.json`), so each audio root gets its own folder, derived from its resolved path
+    (symlinks and `..` followed, as the owner check compares them): `name` is its last two path
+    segments made safe (`[A-Za-z0-9._-]`, readable), `hash` the first 12 hex digits of the
+    SHA-256 of the whole resolved path (two roots with the same name never share a folder).
+    The same root always maps to the same folder; a moved root gets a new one.
+
+    Raises:
+        ValueError: the audio root's location cannot be resolved (unknown URL protocol).
+    """
+    from tasks.access import canonical_root  # tasks.access imports this module
+
+    try:
+        canonical = canonical_root(audio_root)
+    except (ValueError, ImportError, OSError) as e:
+        raise ValueError(f"cannot derive a results root from audio root {audio_root!r}: {e}") from e
+    digest = hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    segments = [s for s in canonical.split("://", 1)[-1].split("/") if s][-2:]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(segments)).strip("._-")[:60] or "root"
+    return f"{results_base.rstrip('/') or results_base}/{name}-{digest}"

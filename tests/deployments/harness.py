@@ -53,10 +53,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(args: Sequence[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """Start `args` with stdout and stderr going to `log`."""
+    """Start `args` with stdout and stderr going to `log`.
+
+    SIGINT is reset to its default in the child: pytest started in the background by a shell
+    without job control (`pytest ... &` in a script, some CI runners) ignores SIGINT, children
+    inherit that, and a Python child then never gets KeyboardInterrupt, so Ctrl-C (`stop(proc,
+    SIGINT)`) would not stop a watcher (seen as a hang in `watchfiles`).
+    """
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([str(a) for a in args], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([str(a) for a in args], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_default_sigint)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

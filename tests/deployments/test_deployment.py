@@ -6,7 +6,8 @@ string), the Prefect CLI as a user types it, a `prefect worker start` subprocess
 `schedule_after` (30 s in prefect.yaml, 10 s here), then the flow takes ~20-40 s on a loaded
 2-core machine, so the slow tests share one corpus and run in file order: the watcher through an
 outage, deploy, a manual run, runs started by new files, a run an event points outside the
-allowed roots, and last a SIGKILLed run (its automation must not outlive it: it would crash the
+allowed roots, the demo and two watched roots through the one deployment (each into its own
+results folder), files of a run failed by a service outage announced again, and last a SIGKILLed run (its automation must not outlive it: it would crash the
 other runs, which send heartbeats only every 180 s).
 """
 
@@ -50,6 +51,7 @@ from tests.deployments.harness import (
     wait_until,
     watcher_process,
 )
+from tasks.settings import results_root_for
 from tests.metrics import transcribe_requests
 
 AUTH = "admin:deploy-tests-secret"  # the module's server requires it, as docs/DEPLOY.md sets it up
@@ -92,9 +94,13 @@ def test_watcher_keeps_events_while_the_api_is_down(prefect_server, tmp_path):
 class Deployed:
     id: str
     raw: dict
-    allowed: Path  # the one root the deployment may read and write under, as its job variables say
-    results: Path
+    allowed: Path  # the root the deployment may read and write under (and the demo corpus), as its job variables say
+    results_base: Path  # each audio root's results go to a folder of their own under it
     automations: list[dict]  # as `prefect deploy` created them from prefect.yaml
+
+    def results(self, audio_root: Path | str) -> Path:
+        """Where the deployment's runs over `audio_root` write (the documented rule)."""
+        return Path(results_root_for(str(audio_root), str(self.results_base)))
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +110,12 @@ def deployed(prefect_server, whisper_service_url, tmp_path_factory) -> Iterator[
     prefect_server.cli("--no-prompt", "deploy", "--all")
     raw = prefect_server.request("GET", f"/deployments/name/{DEPLOYMENT}")
     allowed = tmp_path_factory.mktemp("allowed")
-    results = allowed / "results"
+    results_base = allowed / "results"
     # Triggered runs get audio_root from the event and the rest from the deployment's defaults:
-    # point those at this session's service and a temporary results root, and allow only the
-    # temporary root (what a user does by editing prefect.yaml's job_variables).
-    parameters = {**raw["parameters"], "results_root": str(results), "service_url": whisper_service_url}
-    job_variables = {"env": {"AUDIO_PIPELINE_ALLOWED_ROOTS": str(allowed)}}
+    # point those at this session's service and a temporary results base, and allow the
+    # temporary root and the demo corpus (what a user does by editing prefect.yaml's job_variables).
+    parameters = {**raw["parameters"], "results_base": str(results_base), "service_url": whisper_service_url}
+    job_variables = {"env": {"AUDIO_PIPELINE_ALLOWED_ROOTS": f"{allowed},flows/demo_data/audio"}}
     prefect_server.request("PATCH", f"/deployments/{raw['id']}", {"parameters": parameters, "job_variables": job_variables})
     log = prefect_server.home / "worker.log"
     # Started outside the repository: the deployment's pull step must find the code.
@@ -119,7 +125,7 @@ def deployed(prefect_server, whisper_service_url, tmp_path_factory) -> Iterator[
         wait_until(lambda: prefect_server.request("GET", f"/work_pools/{POOL}")["status"] == "READY", 120,
                    "the worker to poll the pool", explain=lambda: tail(log))
         automations = prefect_server.request("POST", "/automations/filter", {})
-        yield Deployed(id=raw["id"], raw=raw, allowed=allowed, results=results, automations=automations)
+        yield Deployed(id=raw["id"], raw=raw, allowed=allowed, results_base=results_base, automations=automations)
     finally:
         stop(worker)
 
@@ -140,7 +146,8 @@ def test_prefect_yaml_deploys_pool_limit_trigger_and_pull_step(deployed, prefect
     assert raw["entrypoint"] == "flows.pipeline.parallel_transcribe_tokenise"
     assert raw["work_pool_name"] == POOL
     assert raw["parameters"] == spec["parameters"]
-    assert set(raw["parameters"]) == {"audio_root", "results_root", "service_url", "tokenizer", "batch_size"}
+    # No results_root: each audio root's results go to their own folder under results_base.
+    assert set(raw["parameters"]) == {"audio_root", "results_base", "service_url", "tokenizer", "batch_size"}
     assert raw["global_concurrency_limit"]["limit"] == 1
     assert raw["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert raw["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
@@ -156,7 +163,8 @@ def test_prefect_yaml_deploys_pool_limit_trigger_and_pull_step(deployed, prefect
     # The event chooses the audio root and nothing else: not the results root, not the allow-list.
     assert action["parameters"] == {"audio_root": "{{ event.payload.audio_root }}"}
     assert not action.get("job_variables")
-    assert spec["work_pool"]["job_variables"]["env"]["AUDIO_PIPELINE_ALLOWED_ROOTS"] == "flows/demo_data/audio,results"
+    allowed = spec["work_pool"]["job_variables"]["env"]["AUDIO_PIPELINE_ALLOWED_ROOTS"].split(",")
+    assert set(allowed) == {"flows/demo_data/audio", spec["parameters"]["results_base"]}
     assert raw["job_variables"] == spec["work_pool"]["job_variables"]
     assert raw["schedules"] == []
 
@@ -178,9 +186,8 @@ def corpus(deployed, prefect_server, whisper_service_url, tmp_path_factory) -> C
             shutil.copy(clip, audio / folder / clip.name)
     before = transcribe_requests(whisper_service_url)
     done = prefect_server.cli(
-        "deployment", "run", DEPLOYMENT, "--param", f"audio_root={audio}",
-        "--param", f"results_root={deployed.results}", "--param", f"service_url={whisper_service_url}",
-        "--watch", "--watch-timeout", "540", timeout=600,
+        "deployment", "run", DEPLOYMENT, "--param", f"audio_root={audio}", "--watch", "--watch-timeout", "540",
+        timeout=600,
     )
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
     run = prefect_server.request("GET", f"/flow_runs/{run_id}")
@@ -192,9 +199,12 @@ def test_deployment_run_by_hand(corpus, deployed, prefect_server):
     assert corpus.run["state_type"] == "COMPLETED", corpus.run["state"]
     assert corpus.run["parameters"]["audio_root"] == str(corpus.audio)
     assert corpus.requests == 4
+    results = deployed.results(corpus.audio)
+    assert results.parent == deployed.results_base and results.name.startswith("corpus-audio-")
+    assert json.loads((results / "_owner.json").read_text())["audio_root"] == str(corpus.audio.resolve())
     for folder in ("p225", "p226"):
         expected = [f"{folder}/{p.name}" for p in sorted((corpus.audio / folder).glob("*.flac"))]
-        assert jsonl_ids(deployed.results / f"{folder}.jsonl") == expected
+        assert jsonl_ids(results / f"{folder}.jsonl") == expected
     artifacts = prefect_server.request("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [corpus.run["id"]]}}})
     # Everything the UI shows for the run hangs off the deployment's run, not a subflow.
     expected = {"progress", "folders", "run-report", "samples-p225", "samples-p226", "clip-durations"}
@@ -235,7 +245,7 @@ def new_runs(prefect_server: PrefectServer, deployment_id: str, before: set[str]
 
 @pytest.mark.slow
 def test_two_new_files_start_one_run_that_transcribes_only_them(watched, deployed, prefect_server, whisper_service_url):
-    p225 = deployed.results / "p225.jsonl"
+    p225 = deployed.results(watched) / "p225.jsonl"
     old_ids = jsonl_ids(p225)
     before_runs = {r["id"] for r in prefect_server.runs(deployed.id)}
     before = transcribe_requests(whisper_service_url)
@@ -251,7 +261,7 @@ def test_two_new_files_start_one_run_that_transcribes_only_them(watched, deploye
 
 @pytest.mark.slow
 def test_a_burst_of_50_files_starts_one_run(watched, deployed, prefect_server, whisper_service_url):
-    untouched = deployed.results / "p226.jsonl"
+    untouched = deployed.results(watched) / "p226.jsonl"
     mtime = untouched.stat().st_mtime_ns
     before_runs = {r["id"] for r in prefect_server.runs(deployed.id)}
     before = transcribe_requests(whisper_service_url)
@@ -267,12 +277,13 @@ def test_a_burst_of_50_files_starts_one_run(watched, deployed, prefect_server, w
     assert runs[0]["state_type"] == "COMPLETED", runs[0]["state"]
     assert prefect_server.file_events(watched.resolve())[0] == 2 + 50  # this test's and the one before's
     assert transcribe_requests(whisper_service_url) - before == 50
-    assert jsonl_ids(deployed.results / "p299.jsonl") == [f"p299/{n}" for n in names]
+    assert jsonl_ids(deployed.results(watched) / "p299.jsonl") == [f"p299/{n}" for n in names]
     assert untouched.stat().st_mtime_ns == mtime  # folders without new files are not rewritten
 
 
-def run_logs(prefect_server: PrefectServer, run_id: str) -> list[str]:
-    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+def run_logs(prefect_server: PrefectServer, run_id: str, level: int = 0) -> list[str]:
+    """The run's log messages at `level` and above (40: ERROR)."""
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": level}}, "limit": 200}
     return [log["message"] for log in prefect_server.request("POST", "/logs/filter", body)]
 
 
@@ -288,7 +299,8 @@ def test_an_event_cannot_make_the_deployment_read_outside_its_allowed_roots(
     outside = tmp_path / "outside"
     (outside / "secret").mkdir(parents=True)
     (outside / "secret" / "s_001.flac").write_bytes(SILENT_FLAC)
-    results_before = sorted((p.relative_to(deployed.results), p.stat().st_mtime_ns) for p in deployed.results.rglob("*"))
+    results_before = sorted((p.relative_to(deployed.results_base), p.stat().st_mtime_ns)
+                            for p in deployed.results_base.rglob("*"))
     before_runs = {r["id"] for r in prefect_server.runs(deployed.id)}
     before = transcribe_requests(whisper_service_url)
     # What any process that reaches the API can send (with the auth string, here): the payload
@@ -301,14 +313,97 @@ def test_an_event_cannot_make_the_deployment_read_outside_its_allowed_roots(
     assert len(runs) == 1
     run = runs[0]
     assert run["parameters"]["audio_root"] == str(outside)
-    assert run["parameters"]["results_root"] == str(deployed.results)  # the payload's is ignored
-    assert run["state_type"] == "FAILED", run["state"]
-    assert f"audio root {str(outside)!r} is outside the allowed roots" in run["state"]["message"], run["state"]
+    assert "results_root" not in run["parameters"]  # the payload's is ignored
+    assert run["parameters"]["results_base"] == str(deployed.results_base)
+    # Failed, tagged refused (the same run would be refused again: the watcher does not announce
+    # its files again), in one line.
+    assert (run["state_type"], run["state_name"]) == ("FAILED", "Failed"), run["state"]
+    assert "refused" in prefect_server.request("GET", f"/flow_runs/{run['id']}")["tags"]
+    message = run["state"]["message"]
+    assert message.startswith(f"audio root {str(outside)!r} is outside the allowed roots"), run["state"]
+    assert "\n" not in message
+    logs = run_logs(prefect_server, run["id"])
+    assert run_logs(prefect_server, run["id"], level=40) == [f"the run could not start: {message}"], logs
+    assert not any("Traceback" in m or "unexpected exception" in m for m in logs), logs
     # It read nothing: no listing, no request, no output anywhere.
-    assert not any(m.startswith("found ") for m in run_logs(prefect_server, run["id"]))
+    assert not any(m.startswith("found ") for m in logs)
     assert transcribe_requests(whisper_service_url) == before
     assert not (outside / "out").exists()
-    assert sorted((p.relative_to(deployed.results), p.stat().st_mtime_ns) for p in deployed.results.rglob("*")) == results_before
+    assert sorted((p.relative_to(deployed.results_base), p.stat().st_mtime_ns)
+                  for p in deployed.results_base.rglob("*")) == results_before
+
+
+def runs_over(prefect_server: PrefectServer, deployment_id: str, root: Path, n: int, timeout: float = 480) -> list[dict]:
+    """The deployment's runs over `root` (oldest first), once there are `n` and all have finished."""
+
+    def finished() -> list[dict] | None:
+        runs = [r for r in prefect_server.runs(deployment_id) if r["parameters"].get("audio_root") == str(root)]
+        return sorted(runs, key=lambda r: r["created"]) if len(runs) >= n and all(
+            r["state_type"] in TERMINAL for r in runs) else None
+
+    log = prefect_server.home / "worker.log"
+    return wait_until(finished, timeout, f"{n} run(s) over {root} to finish", every=2, explain=lambda: tail(log))
+
+
+@pytest.mark.slow
+def test_one_deployment_serves_the_demo_and_two_watched_roots(watched, deployed, prefect_server, tmp_path):
+    """Regression (issue 23): the deployment had one results root, which the demo corpus owned, so the
+    first triggered run over a newly watched root was refused. Now each audio root gets its own
+    results folder under results_base, and the demo run and any watched root coexist."""
+    done = prefect_server.cli("deployment", "run", DEPLOYMENT, "--watch", "--watch-timeout", "540", timeout=600)
+    demo_run = prefect_server.request("GET", f"/flow_runs/{re.search(r'UUID: ([0-9a-f-]{36})', done.stdout).group(1)}")
+    assert demo_run["state_type"] == "COMPLETED", demo_run["state"]
+    demo = deployed.results(REPO / "flows" / "demo_data" / "audio")
+    assert sorted(p.name for p in demo.glob("*.jsonl")) == [f"{f}.jsonl" for f in ("p225", "p226", "p227", "p228")]
+    demo_files = {p: p.stat().st_mtime_ns for p in demo.glob("*.jsonl")}
+    roots = [deployed.allowed / "site1" / "audio", deployed.allowed / "site2" / "audio"]  # one name, two roots
+    for root in roots:
+        root.mkdir(parents=True)
+    with (watcher_process(roots[0], prefect_server.env(), tmp_path / "w1.log", tmp_path / "w1-state"),
+          watcher_process(roots[1], prefect_server.env(), tmp_path / "w2.log", tmp_path / "w2-state")):
+        copy_clips(roots[0] / "a1", ["a1_001_mic2.flac"], start=3)
+        copy_clips(roots[1] / "b1", ["b1_001_mic2.flac", "b1_002_mic2.flac"], start=6)
+        runs = [runs_over(prefect_server, deployed.id, root.resolve(), 1)[0] for root in roots]
+    for run, root, ids in zip(runs, roots, (["a1/a1_001_mic2.flac"], ["b1/b1_001_mic2.flac", "b1/b1_002_mic2.flac"])):
+        assert run["state_type"] == "COMPLETED" and run["created_by"]["type"] == "AUTOMATION", run["state"]
+        results = deployed.results(root)
+        assert json.loads((results / "_owner.json").read_text())["audio_root"] == str(root.resolve())
+        assert jsonl_ids(results / f"{ids[0].split('/')[0]}.jsonl") == ids
+        assert [p.name for p in results.glob("*.jsonl")] == [f"{ids[0].split('/')[0]}.jsonl"]
+    assert len({deployed.results(r) for r in [*roots, REPO / "flows" / "demo_data" / "audio"]}) == 3
+    assert {p: p.stat().st_mtime_ns for p in demo.glob("*.jsonl")} == demo_files  # the demo's results untouched
+
+
+@pytest.mark.slow
+def test_files_announced_while_the_service_was_down_get_their_lines_by_themselves(
+    watched, deployed, prefect_server, whisper_service_url, tmp_path
+):
+    """Regression (issue 23): a triggered run that failed (the service down) left its files waiting
+    for the next new file or a person. The watcher sees the failed run and announces them again."""
+    root = deployed.allowed / "outage" / "audio"
+    root.mkdir(parents=True)
+    proxy_port, service_port = free_port(), int(whisper_service_url.rsplit(":", 1)[1].strip("/"))
+    raw = prefect_server.request("GET", f"/deployments/{deployed.id}")
+    down = {**raw["parameters"], "service_url": f"http://127.0.0.1:{proxy_port}"}  # nobody listens there yet
+    prefect_server.request("PATCH", f"/deployments/{deployed.id}", {"parameters": down})
+    env = prefect_server.env(AUDIO_PIPELINE_WATCH_RECHECK_SECONDS="2", AUDIO_PIPELINE_WATCH_RETRY_SECONDS="5")
+    log = tmp_path / "watch.log"
+    ids = ["p240/p240_001_mic2.flac", "p240/p240_002_mic2.flac"]
+    try:
+        with watcher_process(root, env, log, tmp_path / "state"):
+            copy_clips(root / "p240", [i.split("/")[1] for i in ids], start=12)
+            failed = runs_over(prefect_server, deployed.id, root.resolve(), 1)[0]
+            assert (failed["state_type"], failed["state_name"]) == ("FAILED", "Failed"), failed["state"]
+            assert "not reachable" in failed["state"]["message"] and "service_url" in failed["state"]["message"]
+            assert "refused" not in failed["tags"]  # it may work later: the watcher announces its files again
+            with TcpForwarder(proxy_port, service_port):  # the service is back; nobody starts a run
+                runs = runs_over(prefect_server, deployed.id, root.resolve(), 2)
+            assert "announcing its 2 file(s) again (1 of 6)" in log.read_text(), tail(log)
+    finally:
+        prefect_server.request("PATCH", f"/deployments/{deployed.id}", {"parameters": raw["parameters"]})
+    assert [r["state_type"] for r in runs] == ["FAILED", "COMPLETED"], [r["state"] for r in runs]
+    assert all(r["created_by"]["type"] == "AUTOMATION" for r in runs)
+    assert jsonl_ids(deployed.results(root) / "p240.jsonl") == ids
 
 
 # -- runs whose process died ------------------------------------------------------------------

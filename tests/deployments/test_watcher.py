@@ -17,7 +17,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import prefect
 import pytest
@@ -25,6 +27,7 @@ from prefect.events import Event
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.outbox import OutboxFile, WatcherConfigError
+from deployments.recheck import Confirmations, RunSeen
 from deployments.watcher import PrefectEventSink
 from flows.demo import free_port
 from tests.deployments.harness import (
@@ -295,3 +298,59 @@ def test_a_non_utf8_name_in_a_watched_folder_does_not_stop_the_watcher(tmp_path,
         (root / "p1" / "after.flac").write_bytes(SILENT_FLAC)
         wait_until(lambda: "p1/after.flac" in api.ids(), 30, "a later file's event", explain=lambda: caplog.text)
     assert "not valid UTF-8" in caplog.text
+
+
+# -- announced again after a failed run -----------------------------------------------------------
+
+
+def _announce(confirm: Confirmations, at: datetime, *ids: str) -> None:
+    confirm.announced(Event(event="audio.file.created", occurred=at, resource={"prefect.resource.id": f"audio.file.x/{i}"},
+                            payload={"id": i}) for i in ids)
+
+
+def _run(name: str, state: str, start: datetime, seconds: float = 10, tags: tuple[str, ...] = (),
+         message: str = "") -> RunSeen:
+    return RunSeen(id=name, state_type=state, state_name=state.title(), message=message, tags=tags,
+                   start_time=start, end_time=start + timedelta(seconds=seconds) if state != "RUNNING" else None)
+
+
+def test_files_of_a_failed_run_are_announced_again_until_a_run_completes(caplog):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    s = timedelta(seconds=1)
+    confirm = Confirmations(Path("/data/audio"), retry_s=60, retries=2)
+    _announce(confirm, t0, "p1/a.flac", "p1/b.flac")
+    assert confirm.update([], t0 + 30 * s) is None  # no run yet: wait
+    running = _run("r1", "RUNNING", t0 + 40 * s)
+    assert confirm.update([running], t0 + 50 * s) is None
+    failed = _run("r1", "FAILED", t0 + 40 * s, message="Whisper service not reachable")
+    assert confirm.update([failed], t0 + 60 * s) is None  # 60 s after its end, not sooner
+    assert confirm.update([failed], t0 + 110 * s) == "p1/b.flac"  # the newest file: the run lists the root
+    assert confirm.update([failed], t0 + 200 * s) is None  # answered once
+    assert "announcing its 2 file(s) again (1 of 2)" in caplog.text
+    _announce(confirm, t0 + 150 * s, "p2/c.flac")  # a file arriving meanwhile
+    crashed = _run("r2", "CRASHED", t0 + 160 * s)
+    assert confirm.update([failed, crashed], t0 + 200 * s) is None  # the delay doubles: 120 s
+    assert confirm.update([failed, crashed], t0 + 300 * s) == "p2/c.flac"
+    # A completed run covers what was announced before it started, and the count starts over.
+    _announce(confirm, t0 + 400 * s, "p3/d.flac")
+    done = _run("r3", "COMPLETED", t0 + 350 * s)
+    assert confirm.update([failed, crashed, done], t0 + 420 * s) is None
+    assert [i for _, i in confirm.pending] == ["p3/d.flac"] and confirm.failed_in_a_row == 0
+
+
+def test_a_refused_run_is_not_retried_and_retries_end(caplog):
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    s = timedelta(seconds=1)
+    confirm = Confirmations(Path("/data/audio"), retry_s=0, retries=1)
+    _announce(confirm, t0, "p1/a.flac")
+    refused = _run("r1", "FAILED", t0 + 40 * s, tags=("audio-pipeline", "refused"), message="audio root '/data/audio' is outside")
+    assert confirm.update([refused], t0 + 100 * s) is None
+    assert not confirm.pending and "was refused (audio root '/data/audio' is outside)" in caplog.text
+    # Cancelled by a person: left alone. Failing again and again: bounded.
+    _announce(confirm, t0 + 200 * s, "p1/b.flac")
+    cancelled = _run("r2", "CANCELLED", t0 + 210 * s)
+    assert confirm.update([cancelled], t0 + 300 * s) is None and len(confirm) == 1
+    first, second = _run("r3", "FAILED", t0 + 310 * s), _run("r4", "FAILED", t0 + 400 * s)
+    assert confirm.update([cancelled, first], t0 + 330 * s) == "p1/b.flac"
+    assert confirm.update([cancelled, first, second], t0 + 500 * s) is None
+    assert not confirm.pending and "1 run(s) in a row over /data/audio failed" in caplog.text
