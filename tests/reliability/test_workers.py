@@ -38,11 +38,12 @@ def test_local_cluster_preloads_task_modules_and_takes_no_fixed_port(port_8787_t
     - with `dashboard_address=None` the scheduler still bound port 8787 for its HTTP routes; with it
       taken, distributed warned "Port 8787 is already in use", an error where warnings are errors.
     """
-    plan = cluster_plan(PipelineSettings(audio_root="/a", n_workers=1, threads_per_worker=1), gpus=0)
+    # Worker processes (several workers); a lone worker runs as threads of the flow process.
+    plan = cluster_plan(PipelineSettings(audio_root="/a", n_workers=2, threads_per_worker=1), gpus=0)
     assert plan["cluster_kwargs"]["preload"] == list(WORKER_PRELOAD)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cluster = LocalCluster(**plan["cluster_kwargs"])
     with cluster, Client(cluster) as client:
         loaded = client.run(lambda: [m for m in (*WORKER_PRELOAD, *WARM) if m in sys.modules])
-    assert list(loaded.values()) == [[*WORKER_PRELOAD, *WARM]]
+    assert list(loaded.values()) == [[*WORKER_PRELOAD, *WARM]] * 2
