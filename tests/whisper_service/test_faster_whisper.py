@@ -59,18 +59,30 @@ def test_concurrent_calls_give_the_same_text_as_one_call(engine: FasterWhisperEn
 
 
 def test_fallback_decodes_on_the_first_encoder_output():
-    """A clip that loops under greedy decoding is re-decoded at a higher temperature without a
-    second encoder pass (the 30 s window costs as much again on a CPU)."""
-    greedy = FasterWhisperEngine(bundled_ct2_dir(), "cpu", DecodeKnobs(beam_size=1), cpu_threads=1)
+    """Clips that fail the thresholds are re-decoded at the next temperature without a second
+    encoder pass (the 30 s window costs as much again on a CPU). A log-prob threshold of 0 fails
+    every decode, so the speech clip surely climbs the ladder."""
+    knobs = DecodeKnobs(beam_size=1, temperatures=(0.0, 0.2), log_prob_threshold=0.0)
+    greedy = FasterWhisperEngine(bundled_ct2_dir(), "cpu", knobs, cpu_threads=1)
     model = greedy._loaded()
     encoded_batches: list[int] = []
-    encode = model.encode
+    sampled: list[int] = []  # clips per decode at temperature > 0
+    encode, generator = model.encode, model.model
 
     def counting_encode(features, *args, **kwargs):
         encoded_batches.append(len(features))
         return encode(features, *args, **kwargs)
 
-    model.encode = counting_encode  # type: ignore[method-assign]
+    class CountingGenerator:
+        def __getattr__(self, name: str) -> object:
+            return getattr(generator, name)
+
+        def generate(self, encoded, prompts, **kwargs):
+            if kwargs.get("sampling_temperature", 0) > 0:
+                sampled.append(len(prompts))
+            return generator.generate(encoded, prompts, **kwargs)
+
+    model.encode, model.model = counting_encode, CountingGenerator()  # type: ignore[method-assign]
     speech = decode_audio(LOOP_CLIP.read_bytes())
     tone = 0.01 * np.sin(np.arange(16_000, dtype=np.float32))  # quiet, but above the silence gate
     try:
@@ -78,7 +90,8 @@ def test_fallback_decodes_on_the_first_encoder_output():
     finally:
         greedy.close()
     assert encoded_batches == [2]  # one pass for both clips, none for the re-decodes
-    assert results[0].temperature is not None and results[0].temperature > 0, results[0]
+    assert sampled and sampled[0] >= 1  # the speech clip was re-decoded at 0.2
+    assert results[0].text
 
 
 def test_defaults_per_device():
