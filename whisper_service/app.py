@@ -107,7 +107,7 @@ async def _load_and_start(
             return
     s = state.settings
     batcher = Batcher(
-        engine, s.max_batch_size or default_batch_size(engine.device), s.max_wait_ms, state.metrics,
+        engine, s.max_batch_size or default_batch_size(engine.device, engine.name), s.max_wait_ms, state.metrics,
         max_queue=s.max_queue, workers=getattr(engine, "workers", 1),
     )
     batcher.start()

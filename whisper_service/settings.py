@@ -47,8 +47,8 @@ class WhisperServiceSettings(BaseSettings):
     device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU.")
     max_batch_size: int | None = Field(
         None, ge=1,
-        description="Most clips in one engine call; unset: 4 on CPU (a 30 s encoder window costs "
-        "the least per clip at batch 2-4 there, more again at 16), 8 on CUDA.",
+        description="Most clips in one engine call; unset: 4 for faster-whisper on CPU (a 30 s "
+        "encoder window costs the least per clip at batch 2-4 there, more again at 16), else 8.",
     )
     engine_workers: int | None = Field(
         None, ge=1,

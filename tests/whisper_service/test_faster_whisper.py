@@ -96,6 +96,7 @@ def test_fallback_decodes_on_the_first_encoder_output():
 
 def test_defaults_per_device():
     assert default_batch_size("cpu") == 4 and default_batch_size("cuda") == 8
+    assert default_batch_size("cpu", "openai-whisper") == 8  # not re-measured: unchanged
     assert default_workers("cuda") == 1
     assert default_workers("cpu") == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
     assert load_engine("faster-whisper", device="cpu", workers=3).workers == 3  # type: ignore[attr-defined]

@@ -52,11 +52,12 @@ def pick_engine(engine: EngineChoice, device: DeviceName = "auto") -> Literal["o
     return "openai-whisper" if on_gpu else "faster-whisper"
 
 
-def default_batch_size(device: str) -> int:
+def default_batch_size(device: str, engine: str = "faster-whisper") -> int:
     """Most clips per engine call when the settings name none, by measurement
-    (docs/PERFORMANCE.md): on CPU a 30 s encoder window costs least per clip at batch 2-4 and more
-    again at 16, while batch 4 still fills a beam-5 decode; on CUDA larger batches keep paying."""
-    return 4 if device == "cpu" else 8
+    (docs/PERFORMANCE.md): faster-whisper on CPU 4 (a 30 s encoder window costs least per clip at
+    batch 2-4 and more again at 16, and batch 4 still fills a beam-5 decode); otherwise 8, as
+    before (larger batches keep paying on CUDA; openai-whisper on CPU was not re-measured)."""
+    return 4 if device == "cpu" and engine == "faster-whisper" else 8
 
 
 def default_workers(device: str) -> int:
