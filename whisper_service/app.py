@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from whisper_service.batching import Batcher, QueueFullError
-from whisper_service.engines import load_engine
+from whisper_service.engines import default_batch_size, load_engine
 from whisper_service.engines.base import Engine
 from whisper_service.engines.models import resolve_model
 from whisper_service.metrics import MetricsMiddleware, ServiceMetrics
@@ -53,7 +53,8 @@ def create_app(
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
     loader = load or (
         lambda: load_engine(
-            settings.engine, settings.model, settings.device, settings.decode_knobs()
+            settings.engine, settings.model, settings.device, settings.decode_knobs(),
+            workers=settings.engine_workers,
         )
     )
 
@@ -105,7 +106,10 @@ async def _load_and_start(
             state.load_error = f"{type(e).__name__}: {e}"
             return
     s = state.settings
-    batcher = Batcher(engine, s.max_batch_size, s.max_wait_ms, state.metrics, max_queue=s.max_queue)
+    batcher = Batcher(
+        engine, s.max_batch_size or default_batch_size(engine.device, engine.name), s.max_wait_ms, state.metrics,
+        max_queue=s.max_queue, workers=getattr(engine, "workers", 1),
+    )
     batcher.start()
     state.metrics.track_queues(batcher.depth)
     state.batcher, state.engine = batcher, engine

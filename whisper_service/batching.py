@@ -6,8 +6,11 @@ request. The batcher holds the first waiting request up to `max_wait_ms` (or unt
 keeps serving. While a call runs, new requests queue up and form the next batch, so under load
 batches fill without any added wait.
 
-Two lanes, each with its own bounded queue, worker and thread:
-- `short`: clips of at most one 30 s Whisper window, batched;
+Two lanes, each with its own bounded queue, workers and threads:
+- `short`: clips of at most one 30 s Whisper window, batched; `workers` engine calls may run
+  at once (each gathers its own batch), for engines that run calls side by side (faster-whisper
+  on a multi-core CPU: two one-thread calls keep both cores busy through the decoder's small
+  matrix products, where one two-thread call leaves one idle much of the time);
 - `long`: longer clips, one per call (the engine walks their windows one after another), so a
   long clip never rides inside a batch of short ones nor holds up the queue behind it. The lanes
   only run side by side as far as the engine allows: faster-whisper (CTranslate2) interleaves
@@ -89,17 +92,18 @@ class ClientGoneError(RuntimeError):
 
 
 class _Lane:
-    """One queue, one worker task, one engine thread."""
+    """One queue, `workers` worker tasks, as many engine threads."""
 
-    def __init__(self, name: LaneName, max_batch_size: int, max_queue: int) -> None:
+    def __init__(self, name: LaneName, max_batch_size: int, max_queue: int, workers: int = 1) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.workers = workers
         self.pending: deque[_Request] = deque()
-        self.running: list[_Request] = []  # the batch whose engine call is in flight
+        self.running: set[_Request] = set()  # requests whose engine call is in flight
         self.wakeup = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"whisper-{name}")
-        self.worker: asyncio.Task[None] | None = None
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"whisper-{name}")
+        self.tasks: list[asyncio.Task[None]] = []
         self.call_seconds = 1.0  # moving average of one engine call, for Retry-After
 
 
@@ -117,9 +121,12 @@ class Batcher:
         observer: BatcherObserver | Callable[[int, float], None] | None = None,
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
+        """`workers`: engine calls in flight at once in the short lane (the engine must allow
+        that many concurrent `transcribe` calls; see `engine_workers`)."""
+        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1 or workers < 1:
+            raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_wait_ms >= 0")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -129,7 +136,7 @@ class Batcher:
             observer.observe_batch if self._observer is not None else observer  # type: ignore[union-attr]
         )
         self._lanes: dict[LaneName, _Lane] = {
-            "short": _Lane("short", max_batch_size, max_queue),
+            "short": _Lane("short", max_batch_size, max_queue, workers),
             "long": _Lane("long", 1, max_queue),
         }
         self._closed = False
@@ -139,7 +146,10 @@ class Batcher:
         if not self._started:
             loop = asyncio.get_running_loop()
             for lane in self._lanes.values():
-                lane.worker = loop.create_task(self._run(lane), name=f"whisper-batcher-{lane.name}")
+                lane.tasks = [
+                    loop.create_task(self._run(lane), name=f"whisper-batcher-{lane.name}-{k}")
+                    for k in range(lane.workers)
+                ]
             self._started = True
 
     @staticmethod
@@ -164,10 +174,10 @@ class Batcher:
         """Fail queued requests, let running engine calls finish, release the threads."""
         self._closed = True
         for lane in self._lanes.values():
-            if lane.worker is not None:
-                lane.worker.cancel()
+            for task in lane.tasks:
+                task.cancel()
                 try:
-                    await lane.worker
+                    await task
                 except asyncio.CancelledError:
                     pass
             for request in [*lane.running, *lane.pending]:
@@ -219,7 +229,7 @@ class Batcher:
 
     def _retry_after(self, lane: _Lane) -> int:
         """Seconds until the queue has room, roughly: its batches times one call's duration."""
-        batches = math.ceil(len(lane.pending) / lane.max_batch_size)
+        batches = math.ceil(len(lane.pending) / (lane.max_batch_size * lane.workers))
         return max(1, min(60, math.ceil(batches * lane.call_seconds)))
 
     def _abandoned(self, reason: str) -> None:
@@ -228,34 +238,40 @@ class Batcher:
 
     async def _run(self, lane: _Lane) -> None:
         while True:
-            lane.running = await self._gather(lane)
-            lane.running = await self._drop_disconnected(lane.running)
-            for (language, options), requests in _by_key(lane.running).items():
+            gathered = await self._gather(lane)
+            lane.running.update(gathered)  # left there if cancelled: stop() answers them
+            batch = await self._drop_disconnected(gathered)
+            for (language, options), requests in _by_key(batch).items():
                 await self._execute(lane, requests, language, options)
-            lane.running = []
+            lane.running.difference_update(gathered)
 
     async def _gather(self, lane: _Lane) -> list[_Request]:
-        """Wait for a first request, then for company until the deadline or a full batch."""
-        while not lane.pending:
-            lane.wakeup.clear()
-            await lane.wakeup.wait()
-        deadline = time.monotonic() + self.max_wait
-        while len(lane.pending) < lane.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            lane.wakeup.clear()
-            try:
-                # Waiting on an Event (not a Queue.get) is safe to time out: nothing is lost.
-                await asyncio.wait_for(lane.wakeup.wait(), remaining)
-            except TimeoutError:
-                break
-        batch = []
-        while lane.pending and len(batch) < lane.max_batch_size:
-            request = lane.pending.popleft()
-            if not request.future.done():  # skip clients that went away while queued
-                batch.append(request)
-        return batch
+        """Wait for a first request, then for company until the deadline or a full batch.
+
+        With several workers another one may take the waiting requests first: then wait again.
+        """
+        while True:
+            while not lane.pending:
+                lane.wakeup.clear()
+                await lane.wakeup.wait()
+            deadline = time.monotonic() + self.max_wait
+            while len(lane.pending) < lane.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                lane.wakeup.clear()
+                try:
+                    # Waiting on an Event (not a Queue.get) is safe to time out: nothing is lost.
+                    await asyncio.wait_for(lane.wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = []
+            while lane.pending and len(batch) < lane.max_batch_size:
+                request = lane.pending.popleft()
+                if not request.future.done():  # skip clients that went away while queued
+                    batch.append(request)
+            if batch:
+                return batch
 
     async def _drop_disconnected(self, batch: list[_Request]) -> list[_Request]:
         """Ask each request's connection, just before the engine call, whether anyone waits."""

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Bump when a change to the engines' decoding code can change a transcript for the same options
 # and weights (e.g. a new fallback rule), so fingerprints and therefore reuse change with it.
-DECODER_VERSION = 1
+# 2: faster-whisper decodes short clips with timestamp tokens, as its `transcribe()` does.
+DECODER_VERSION = 2
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's own ladder
 

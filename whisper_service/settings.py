@@ -45,7 +45,16 @@ class WhisperServiceSettings(BaseSettings):
     )
     model: str = Field("tiny.en", description="Model name available offline, or a local path.")
     device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU.")
-    max_batch_size: int = Field(8, ge=1, description="Most clips in one engine call.")
+    max_batch_size: int | None = Field(
+        None, ge=1,
+        description="Most clips in one engine call; unset: 4 for faster-whisper on CPU (a 30 s "
+        "encoder window costs the least per clip at batch 2-4 there, more again at 16), else 8.",
+    )
+    engine_workers: int | None = Field(
+        None, ge=1,
+        description="Engine calls run side by side (faster-whisper only), each on CPUs / workers "
+        "threads; unset: 2 on a CPU with 2+ cores, else 1 (docs/PERFORMANCE.md).",
+    )
     max_wait_ms: float = Field(
         10, ge=0, description="How long the first request of a batch waits for company."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from whisper_service.decode_options import DecodeKnobs, DecodeOptions
@@ -21,6 +22,8 @@ __all__ = [
     "ModelNotAvailableError",
     "Segment",
     "Transcript",
+    "default_batch_size",
+    "default_workers",
     "load_engine",
     "pick_engine",
 ]
@@ -49,17 +52,34 @@ def pick_engine(engine: EngineChoice, device: DeviceName = "auto") -> Literal["o
     return "openai-whisper" if on_gpu else "faster-whisper"
 
 
+def default_batch_size(device: str, engine: str = "faster-whisper") -> int:
+    """Most clips per engine call when the settings name none, by measurement
+    (docs/PERFORMANCE.md): faster-whisper on CPU 4 (a 30 s encoder window costs least per clip at
+    batch 2-4 and more again at 16, and batch 4 still fills a beam-5 decode); otherwise 8, as
+    before (larger batches keep paying on CUDA; openai-whisper on CPU was not re-measured)."""
+    return 4 if device == "cpu" and engine == "faster-whisper" else 8
+
+
+def default_workers(device: str) -> int:
+    """Concurrent engine calls for faster-whisper when the settings name none: 2 on a CPU with
+    2+ cores (each call on half the cores; docs/PERFORMANCE.md), else 1."""
+    return 2 if device == "cpu" and len(os.sched_getaffinity(0)) >= 2 else 1
+
+
 def load_engine(
     engine: EngineChoice,
     model: str = "tiny.en",
     device: DeviceName = "auto",
     knobs: DecodeKnobs | None = None,
+    *,
+    workers: int | None = None,
 ) -> Engine:
     """Load `model` (a name available offline, or a local path) into the named engine.
 
     openai-whisper gets an openai `.pt` (a CTranslate2 dir is converted once and cached);
     faster-whisper gets a CTranslate2 directory. Engines are imported lazily so a process
-    only pays for the one it uses. Nothing is ever downloaded. The engine's `options` (what
+    only pays for the one it uses. Nothing is ever downloaded. `workers` (faster-whisper only):
+    engine calls that may run at once; None: `default_workers` for the device it lands on. The engine's `options` (what
     `/healthz` reports) combine `knobs` with the weights' content hash.
 
     Raises:
@@ -100,9 +120,10 @@ def load_engine(
             f"the openai-whisper checkpoint {resolved.path}; use engine 'openai-whisper' "
             f"or pass a CTranslate2 directory (with model.bin)"
         )
-    from whisper_service.engines.faster_whisper import FasterWhisperEngine
+    from whisper_service.engines.faster_whisper import FasterWhisperEngine, resolve_device
 
     return FasterWhisperEngine(
         resolved.path, device, knobs, model_name=resolved.name,
+        workers=workers or default_workers(resolve_device(device)),
         weights_sha256=weights_sha256(resolved.path),
     )

@@ -2,11 +2,14 @@
 
 Clips of at most 30 s (Whisper's window, i.e. nearly every VCTK-style utterance) are padded to
 one window each, stacked, encoded together and decoded by a single `generate` call, as in
-faster-whisper's `BatchedInferencePipeline.generate_segment_batched`. Each window is padded to the
+faster-whisper's `BatchedInferencePipeline.generate_segment_batched`, with the prompt and
+timestamp rules of `WhisperModel.transcribe`, so a clip's text is the one that loop gives for its
+first window. Each window is padded to the
 same 3000 frames whatever the batch, so a clip's text does not depend on its batch companions.
 CTranslate2 batches beam search itself. Whisper's temperature fallback runs batched on top:
 only the clips whose decode failed the thresholds are decoded again, at the next temperature,
-with best-of sampling (`engines.base.decode_with_fallback`). Longer clips go through
+with best-of sampling (`engines.base.decode_with_fallback`), on the encoder output of the first
+pass (never re-encoded, as in faster-whisper's loop). Longer clips go through
 `WhisperModel.transcribe` (sequential 30 s windows, its own fallback), one at a time.
 
 Silence yields "": an RMS gate skips the model for near-digital silence, and Whisper's own rule
@@ -43,6 +46,11 @@ from whisper_service.engines.base import (
 
 logger = logging.getLogger(__name__)
 
+# faster-whisper's `transcribe()` defaults, kept so a short clip decodes exactly as there: with
+# timestamp tokens (without them, tiny.en's beam-5 WER on 2-5 s espeak-ng sentences was ~0.015-0.03
+# worse than the loop's), the first one at most 1.0 s (in 0.02 s steps) into the window.
+MAX_INITIAL_TIMESTAMP_INDEX = 50
+
 
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when CTranslate2 sees a GPU, else "cpu"; explicit values pass through."""
@@ -56,7 +64,8 @@ def resolve_device(device: str) -> str:
 class FasterWhisperEngine:
     """A CTranslate2 Whisper model directory (e.g. Systran's conversions) behind `Engine`.
 
-    Not thread-safe by design: the service's batcher makes one call at a time.
+    `transcribe` may be called from `workers` threads at once (each call keeps its state local;
+    CTranslate2 runs up to `workers` encoder/decoder calls side by side, one per replica).
     """
 
     name = "faster-whisper"
@@ -69,6 +78,7 @@ class FasterWhisperEngine:
         model_name: str = "tiny.en",
         *,
         cpu_threads: int | None = None,
+        workers: int = 1,
         weights_sha256: str | None = None,
     ) -> None:
         """Load the model from a local directory (never by name: that would download).
@@ -78,7 +88,10 @@ class FasterWhisperEngine:
             device: "auto", "cpu" or "cuda".
             knobs: decode settings; compute_type "auto" is float16 on CUDA, int8 on CPU.
             model_name: what responses report as the model.
-            cpu_threads: CPU threads for one call; default all cores visible to this process.
+            cpu_threads: CPU threads for one call; default: the cores visible to this process
+                shared out among `workers`.
+            workers: engine calls that may run at the same time (CTranslate2 `inter_threads`),
+                each on `cpu_threads` threads; calls beyond that wait inside CTranslate2.
             weights_sha256: the directory's content hash, if the caller has it already.
 
         Raises:
@@ -101,9 +114,13 @@ class FasterWhisperEngine:
             compute_type = "float16" if self.device == "cuda" else "int8"
         self.compute_type = compute_type
         self.model_name = model_name
-        threads = cpu_threads if cpu_threads is not None else len(os.sched_getaffinity(0))
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        self.workers = workers
+        threads = cpu_threads if cpu_threads is not None else max(1, len(os.sched_getaffinity(0)) // workers)
         self._model: WhisperModel | None = WhisperModel(
-            str(path), device=self.device, compute_type=self.compute_type, cpu_threads=threads
+            str(path), device=self.device, compute_type=self.compute_type, cpu_threads=threads,
+            num_workers=workers,
         )
         self.options = DecodeOptions.build(
             knobs,
@@ -188,10 +205,7 @@ class FasterWhisperEngine:
         prompts = [self._prompt(model, tokenizers[lang], options) for lang in languages]
 
         def decode(indices: list[int], temperature: float) -> list[Attempt]:
-            if len(indices) == len(clips):
-                subset = encoded
-            else:  # fallback: re-encode just these clips (rare; features are kept on the host)
-                subset = model.encode(np.ascontiguousarray(features[indices]))
+            subset = encoded if len(indices) == len(clips) else _rows(encoded, indices)
             if temperature > 0:  # faster-whisper's own choice: best-of sampling, no beam
                 kwargs = {
                     "beam_size": 1, "num_hypotheses": options.best_of,
@@ -207,6 +221,7 @@ class FasterWhisperEngine:
                 return_no_speech_prob=True,
                 suppress_blank=True,
                 suppress_tokens=suppress,
+                max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
                 **kwargs,
             )
             attempts = []
@@ -232,7 +247,7 @@ class FasterWhisperEngine:
     @staticmethod
     def _prompt(model: WhisperModel, tokenizer: Tokenizer, options: DecodeOptions) -> list[int]:
         previous = tokenizer.encode(" " + options.initial_prompt) if options.initial_prompt else []
-        return model.get_prompt(tokenizer, previous, without_timestamps=True)
+        return model.get_prompt(tokenizer, previous, without_timestamps=False)
 
     def _transcribe_long(
         self, model: WhisperModel, audio: np.ndarray, language: str | None, options: DecodeOptions
@@ -258,3 +273,19 @@ class FasterWhisperEngine:
         ]
         probability = info.language_probability if language is None else None
         return from_segments(kept, info.language, len(audio) / SAMPLE_RATE, options, probability)
+
+
+def _rows(encoded: ctranslate2.StorageView, indices: list[int]) -> ctranslate2.StorageView:
+    """The encoder output of just these clips, for a fallback re-decode.
+
+    Why: re-encoding a window costs as much as the first pass (~0.5 s per clip on a 2-core CPU,
+    most of a short clip's cost), and faster-whisper's own loop reuses its encoder output across
+    the whole temperature ladder. The rows are copied through host memory (1500 x d_model floats
+    per clip: ~2 MB for tiny), which is bit-identical to re-encoding since every window is padded
+    to the same 3000 frames.
+    """
+    device = encoded.device
+    host = encoded if device == "cpu" else encoded.to_device(ctranslate2.Device.cpu)
+    rows = np.ascontiguousarray(np.asarray(host)[indices])
+    subset = ctranslate2.StorageView.from_array(rows)  # holds a reference to `rows`
+    return subset if device == "cpu" else subset.to_device(ctranslate2.Device.cuda)
