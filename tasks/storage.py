@@ -177,17 +177,8 @@ class Store:
         """Write `data` so that readers never observe a partial file (see module docstring)."""
         target = self.path(relative)
         if self.is_local:
-            directory = os.path.dirname(target)
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+            tmp = _durable_temp_beside(target, data)
             try:
-                # mkstemp creates 0600 and rename keeps it: results would be unreadable to anyone
-                # but their writer. Give them the mode a plain open() would (0666 minus umask).
-                os.fchmod(fd, 0o666 & ~_umask())
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, target)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -418,23 +409,15 @@ class Store:
                     return False
                 self.fs.pipe_file(target, data)
             return True
-        directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        tmp = _durable_temp_beside(target, data)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                return False
-            return True
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        return True
 
     # -- locking -------------------------------------------------------------------------------
     def lock_path(self, folder: str) -> str:
@@ -494,6 +477,28 @@ def output_name_problem(folder: str) -> str | None:
 
 
 @functools.cache
+def _durable_temp_beside(target: str, data: bytes) -> str:
+    """`data` in a new temp file in `target`'s folder (created if missing), fsynced; its path.
+
+    mkstemp creates 0600 and a rename or link keeps it: results would be unreadable to anyone
+    but their writer, so the file gets the mode a plain open() would (0666 minus umask).
+    """
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def _umask() -> int:
     """This process's umask, read without changing it where Linux allows (no race with threads)."""
     with contextlib.suppress(OSError, ValueError):
