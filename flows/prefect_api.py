@@ -107,9 +107,7 @@ class LocalServer:
         """Raises RuntimeError (with the server's output) if it exits or is not ready in time
         (`timeout_s`, by default Prefect's PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)."""
         if timeout_s is None:
-            from prefect.settings import get_current_settings
-
-            timeout_s = get_current_settings().server.ephemeral.startup_timeout_seconds
+            timeout_s = startup_timeout_s()
         deadline = self.started + timeout_s
         while not healthy(self.api_url):
             if self.process is not None and self.process.poll() is not None:
@@ -156,8 +154,13 @@ def kept_server(idle_s: float) -> LocalServer:
     with FileLock(str(record_path) + ".lock", timeout=600):  # held for a start (Popen), not a wait
         with contextlib.suppress(OSError, ValueError, KeyError):
             record = json.loads(record_path.read_text())
-            if record["version"] == server_version() and healthy(f"http://127.0.0.1:{record['port']}/api"):
-                return LocalServer(port=int(record["port"]), process=None)
+            if record["version"] == server_version():
+                if healthy(f"http://127.0.0.1:{record['port']}/api"):
+                    return LocalServer(port=int(record["port"]), process=None)
+                if is_kept_server(int(record["pid"])) and time.time() - record["started"] < startup_timeout_s():
+                    # Still starting (another run started it a moment ago): wait for it, not a second one.
+                    return LocalServer(port=int(record["port"]), process=None,
+                                       started=time.monotonic() - (time.time() - record["started"]))
             stop_kept_server(int(record["pid"]))  # another version's, or hung: ours to replace
         port = free_port()
         log = open(home / "audio-pipeline-server.log", "w+b")  # noqa: SIM115 - the server's, kept open by it
@@ -169,11 +172,24 @@ def kept_server(idle_s: float) -> LocalServer:
         return server
 
 
-def stop_kept_server(pid: int) -> None:
-    """SIGTERM `pid` if it still is a kept server (not a process that inherited its number)."""
+def is_kept_server(pid: int) -> bool:
+    """`pid` runs a kept server (not a process that inherited its number)."""
     with contextlib.suppress(OSError):
-        if b"flows.local_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        return b"flows.local_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return False
+
+
+def stop_kept_server(pid: int) -> None:
+    """SIGTERM `pid` if it still is a kept server."""
+    if is_kept_server(pid):
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
+
+
+def startup_timeout_s() -> float:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().server.ephemeral.startup_timeout_seconds
 
 
 _running: LocalServer | None = None  # the server an enclosing `prefect_api` block of this process set up

@@ -119,3 +119,22 @@ def test_a_kept_server_serves_the_next_run_and_stops_itself_when_idle(tmp_path):
         time.sleep(1)
     assert not healthy(first_url), "the kept server did not stop after 20 s without a request"
     assert not Path(f"/proc/{record['pid']}").exists() or b"zombie" in Path(f"/proc/{record['pid']}/status").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_second_run_waits_for_a_kept_server_still_starting_instead_of_replacing_it(tmp_path):
+    """Two first runs at once: the second must not kill the first's server while it starts."""
+    out = _python(
+        """
+        from flows.prefect_api import kept_server
+        first = kept_server(30.0)
+        second = kept_server(30.0)  # at once: the first is still importing Prefect's server
+        print(second.process is None, second.port == first.port)
+        second.wait_ready()
+        print(first.process.poll() is None)
+        first.stop()
+        """,
+        _env(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr
