@@ -476,7 +476,6 @@ def output_name_problem(folder: str) -> str | None:
     return None
 
 
-@functools.cache
 def _durable_temp_beside(target: str, data: bytes) -> str:
     """`data` in a new temp file in `target`'s folder (created if missing), fsynced; its path.
 
@@ -499,6 +498,7 @@ def _durable_temp_beside(target: str, data: bytes) -> str:
     return tmp
 
 
+@functools.cache
 def _umask() -> int:
     """This process's umask, read without changing it where Linux allows (no race with threads)."""
     with contextlib.suppress(OSError, ValueError):
