@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -118,7 +119,7 @@ Exit codes:
 def run(audio_root: str, **flags) -> None:
     """Transcribe and tokenise AUDIO_ROOT into RESULTS/{folder}.jsonl."""
 
-    sys.exit(_run_and_report(audio_root=audio_root, **flags))
+    _exit(_run_and_report(audio_root=audio_root, **flags))
 
 
 @main.command()
@@ -139,7 +140,7 @@ def demo(results_root: str, port: int) -> None:
         code = _run_and_report(
             audio_root=str(audio_root), results_root=results_root, service_url=url, preview=3
         )
-    sys.exit(code)
+    _exit(code)
 
 
 @main.command()
@@ -203,6 +204,18 @@ def export_results(results_root: str, fmt: str, out: str, shard_size: str, with_
         for e in report.errors[:10]:
             click.echo(f"  {e.id}: {e.error}", err=True)
         sys.exit(1)
+
+def _exit(code: int) -> None:
+    """Exit with `code`, sparing the interpreter its last full garbage collection.
+
+    With torch, Prefect and Dask loaded, that collection took ~1 s on 2 cores after the run's
+    work and output were done (measured: 1.3 s -> 0.3 s from the last line to exit).
+    `gc.freeze()` puts every object out of the collector's reach; atexit handlers and Prefect's
+    log and event drains still run, and the OS frees the memory.
+    """
+    gc.freeze()
+    sys.exit(code)
+
 
 def _run_and_report(preview: int = 0, **parameters) -> int:
     """Run the flow with the given parameters (None: settings default), print the summary.

@@ -233,7 +233,7 @@ def run_pipeline(settings: PipelineSettings) -> RunSummary:
     if plan.shards or plan.groups:  # work left: start the cluster (an unchanged rerun starts none)
         share_api_url_with_workers()
         if isinstance(runner, PipelineTaskRunner):
-            runner.start(settings)
+            runner.start(settings, tokenising=plan.shards > 0)
     reports = sorted([*settled, *process_plan(plan, settings, progress)], key=lambda r: r.folder)
     folders = {r.folder for r in reports}
     # Kept, not deleted: an unreadable mount or a narrower --extensions also makes folders vanish.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any
 
 from typing import TYPE_CHECKING
@@ -116,6 +117,36 @@ def cluster_plan(settings: PipelineSettings, gpus: int | None = None) -> dict[st
     }
 
 
+def runs_tasks_in_this_process(settings: PipelineSettings) -> bool:
+    """True when the local cluster's one worker is threads of this process (`cluster_plan`)."""
+    try:
+        plan = cluster_plan(settings)
+    except ValueError:  # a refused plan: make_task_runner raises it
+        return False
+    return plan["kind"] == "local" and not plan["cluster_kwargs"]["processes"]
+
+
+def warm_tokeniser(settings: PipelineSettings) -> threading.Thread:
+    """Build the tokeniser in a background thread of this process, now.
+
+    When the tasks run as threads of this process, the first tokenise task would otherwise
+    start importing torch (~3.5 s of CPU on 2 cores) only once the cluster is up; started here,
+    the import overlaps the cluster's start and the first transcriptions (which wait on the
+    service). The task then gets the same cached tokeniser (`tasks.tokenise.tokeniser_for`). A
+    failure here is left for the task to raise and report, as it would without the warm-up.
+    """
+
+    def build() -> None:
+        from tasks.tokenise import tokeniser_for
+
+        with contextlib.suppress(Exception):
+            tokeniser_for(settings)
+
+    thread = threading.Thread(target=build, name="tokeniser-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def make_task_runner(settings: PipelineSettings, gpus: int | None = None) -> DaskTaskRunner:
     from prefect_dask import DaskTaskRunner
 
@@ -153,8 +184,11 @@ class PipelineTaskRunner(TaskRunner):
     def duplicate(self) -> PipelineTaskRunner:
         return type(self)()
 
-    def start(self, settings: PipelineSettings) -> DaskTaskRunner:
+    def start(self, settings: PipelineSettings, tokenising: bool = True) -> DaskTaskRunner:
+        """Start the cluster; with `tokenising`, build the tokeniser meanwhile when tasks run here."""
         if self.dask is None:
+            if tokenising and runs_tasks_in_this_process(settings):
+                warm_tokeniser(settings)
             self.dask = self._stack.enter_context(make_task_runner(settings))
         return self.dask
 

@@ -104,3 +104,23 @@ def test_local_cuda_cluster_has_one_worker_per_visible_gpu():
         workers = client.scheduler_info()["workers"].values()
         assert len(workers) == torch.cuda.device_count()
         assert all(w["resources"] == {"GPU": 1} for w in workers)
+
+
+@pytest.mark.skipif(os.path.exists(NVIDIA_DRIVER), reason="with a GPU the workers are processes of their own")
+def test_the_tokeniser_is_built_in_the_background_only_where_tasks_run_in_this_process():
+    """The one local worker is threads of this process: `start(settings)` builds the tokeniser there
+    while the cluster starts, and the tokenise task then gets that same cached instance."""
+    from flows.runner import runs_tasks_in_this_process, warm_tokeniser
+    from tasks.tokenise import _cached_tokeniser, tokeniser_for
+
+    assert runs_tasks_in_this_process(settings(n_workers=1))
+    assert not runs_tasks_in_this_process(settings(n_workers=2))  # worker processes: they build their own
+    assert not runs_tasks_in_this_process(settings(dask_address="tcp://10.0.0.1:8786"))
+    one = settings(n_workers=1, tokenizer="rpq", tokenizer_options={"seed": 1234})
+    before = _cached_tokeniser.cache_info()
+    warm_tokeniser(one).join(timeout=300)
+    after = _cached_tokeniser.cache_info()
+    assert after.misses == before.misses + 1  # built once, by the warm-up
+    tokeniser = tokeniser_for(one)
+    assert _cached_tokeniser.cache_info().hits == after.hits + 1  # the task's call reuses it
+    assert tokeniser.settings["seed"] == 1234
