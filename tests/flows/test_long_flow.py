@@ -76,12 +76,13 @@ def test_long_files_go_through_the_vad_task_and_an_unchanged_rerun_redoes_nothin
     assert sent == len(lines) + 1  # one request per segment and per short clip (p225's included)
     assert summary.lines == len(lines) + 1
 
-    # Rerun, nothing changed: nothing segmented, sent or produced again; outputs untouched.
+    # Rerun, nothing changed: nothing planned, segmented, sent or produced again; outputs untouched.
     listings = {f: (results / segment_list_path(f)).read_bytes() for f in LONG}
     outputs = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in results.glob("*.jsonl")}
     before = transcribe_requests(whisper_service_url)
     again, tasks = run(audio, results, whisper_service_url)
     assert transcribe_requests(whisper_service_url) - before == 0
+    assert tasks == []  # both folders settled: no VAD task, no shard, no merge, no cluster
     assert (again.new, again.lines, again.failed) == (0, summary.lines, 0)
     assert {f: (results / segment_list_path(f)).read_bytes() for f in LONG} == listings
     for f in LONG:  # written by the first run, never again
