@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from tasks.folder_index import LoadedIndex, MergeStamp, OutputStat
 from tasks.long_plan import line_files
-from tasks.records import AudioFile, FolderReport, OutputOptions, Provenance, split_segment_id
+from tasks.records import AudioFile, FolderReport, OutputOptions, Provenance, source_id, split_segment_id
 from tasks.settings import SegmentOptions
 from tasks.storage import Store, errors_name, jsonl_name
 
@@ -50,7 +50,7 @@ def merge_stamp(
     """The stamp a merge that just wrote `report` from `files` (line ids: a long file's segments)
     leaves in the index; None when a file failed (a failed file is retried by every run, so such
     a folder is never settled)."""
-    if any(e.stage != "quality" for e in report.errors) or report.files != len(files):
+    if any(e.stage != "quality" for e in report.errors) or report.files != len({source_id(f.id) for f in files}):
         return None
     return MergeStamp(
         ids_sha256=ids_sha256(f.id for f in files), output=output, lines=report.lines,

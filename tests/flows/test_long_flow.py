@@ -74,7 +74,8 @@ def test_long_files_go_through_the_vad_task_and_an_unchanged_rerun_redoes_nothin
         assert len(spans) >= 2 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert [x["id"] for x in lines] == sorted((x["id"] for x in lines), key=line_order)  # by source, then start
     assert sent == len(lines) + 1  # one request per segment and per short clip (p225's included)
-    assert summary.lines == len(lines) + 1
+    # Files are audio files, lines are JSONL lines (segments included).
+    assert (summary.files, summary.new, summary.lines) == (4, 4, len(lines) + 1)
 
     # Rerun, nothing changed: nothing planned, segmented, sent or produced again; outputs untouched.
     listings = {f: (results / segment_list_path(f)).read_bytes() for f in LONG}
@@ -83,7 +84,7 @@ def test_long_files_go_through_the_vad_task_and_an_unchanged_rerun_redoes_nothin
     again, tasks = run(audio, results, whisper_service_url)
     assert transcribe_requests(whisper_service_url) - before == 0
     assert tasks == []  # both folders settled: no VAD task, no shard, no merge, no cluster
-    assert (again.new, again.lines, again.failed) == (0, summary.lines, 0)
+    assert (again.files, again.new, again.lines, again.failed) == (4, 0, summary.lines, 0)
     assert {f: (results / segment_list_path(f)).read_bytes() for f in LONG} == listings
     for f in LONG:  # written by the first run, never again
         assert SegmentList.model_validate_json(listings[f]).run_id is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from flows.demo import service_process
+from flows.pipeline import summarise
 from tasks.audio_stream import iter_blocks, open_source
 from tasks.records import segment_id
 from tasks.segments import segment_audio
@@ -61,6 +62,11 @@ def test_one_failed_segment_is_one_error_line_and_the_other_segments_are_kept(tm
     assert f"the limit is {limit:.0f} s" in errors[0]["error"]
     report = reports["book"]
     assert (report.lines, [e.id for e in report.errors]) == (len(spans) - 1, [failing])
+    # Counted as a user counts: one audio file, failed (the error line names its segment), and
+    # its other segments' lines.
+    summary = summarise(list(reports.values()), settings, 1.0)
+    assert (summary.files, summary.failed, summary.new, summary.lines) == (1, 1, 0, len(spans) - 1)
+    assert [e.id for e in summary.errors] == [failing]
 
     # Rerun on a service without that limit: the failed segment alone is sent, and its line joins.
     settings = settings.model_copy(update={"service_url": whisper_service_url})
@@ -70,3 +76,5 @@ def test_one_failed_segment_is_one_error_line_and_the_other_segments_are_kept(tm
     assert [x["id"] for x in read_jsonl(store, "book.jsonl")] == [segment_id(SOURCE, *s) for s in spans]
     assert store.read_bytes("book.errors.jsonl") is None
     assert (reports["book"].lines, reports["book"].errors) == (len(spans), [])
+    summary = summarise(list(reports.values()), settings, 1.0)
+    assert (summary.files, summary.failed, summary.new, summary.lines) == (1, 0, 1, len(spans))
