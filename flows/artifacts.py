@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.plots import Panel, data_url, histogram_png
 from tasks.export.reader import flat_quality
 from tasks.merge import WORST_CLIPS, jsonl_name
-from tasks.records import FolderReport, Tokens, Transcription
+from tasks.records import FolderReport, Tokens, Transcription, source_id
 from tasks.storage import Store
 
 FOLDERS_KEY, RUN_REPORT_KEY, PROGRESS_KEY = "folders", "run-report", "progress"
@@ -169,7 +169,7 @@ def folder_rows(reports: Sequence[FolderReport]) -> list[dict[str, Any]]:
     """One row per folder; reused = files neither produced anew by this run nor failed."""
     rows = []
     for r in sorted(reports, key=lambda r: r.folder):
-        failed = len({e.id for e in r.errors})
+        failed = len({source_id(e.id) for e in r.errors})  # files: a long one with failed segments, once
         rows.append({
             "folder": r.folder, "files": r.files, "new": r.new, "reused": max(0, r.files - r.new - failed),
             "lines": r.lines, "failed": failed, "flagged": r.flagged,

@@ -33,7 +33,7 @@ from tasks.manifest import write_manifest
 from tasks.merge import REMOVED_SHOWN, merge_folders, merge_group, write_refused
 from tasks.plan import RunPlan, build_plan, new_run_id, prune_runs
 from tasks.preflight import RunNotStartedError, in_parameter_terms, preflight, settings_or_error
-from tasks.records import FileError, FolderReport, RunSummary
+from tasks.records import FileError, FolderReport, RunSummary, source_id
 from tasks.segments import segment_task
 from tasks.settings import PipelineSettings
 from tasks.storage import Store
@@ -409,7 +409,8 @@ def summarise(
     files = sum(r.files for r in reports) + len(refused)
     errors = [e for r in reports for e in r.errors] + list(refused)
     # Clips moved out by --drop-flagged are a choice, not a failure: counted as flagged only.
-    failed = {e.id for e in errors if e.stage != "quality"}
+    # Files, like `files`: a long recording with failed segments is one failed file (lines name them).
+    failed = {source_id(e.id) for e in errors if e.stage != "quality"}
     return RunSummary(
         folders=len(reports), files=files, lines=sum(r.lines for r in reports),
         failed=len(failed), audio_hours=sum(r.audio_seconds for r in reports) / 3600,

@@ -78,6 +78,11 @@ class MergeStamp(Record):
     dropped: list[FileError] = Field(default_factory=list)  # stage "quality" only
     jsonl: OutputStat | None
     errors_jsonl: OutputStat | None  # None: merge removed it (nothing dropped)
+    # Segment lines of long recordings (issue 22), so a settled folder's report still counts them.
+    # A stamp from before these fields says 0: a folder with long files is then merged once more.
+    segments: int = 0
+    segment_seconds: float = 0.0
+    segment_durations: list[float] = Field(default_factory=list)
 
 
 class FolderIndex(Record):

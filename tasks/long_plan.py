@@ -178,6 +178,26 @@ def expand(
     return out, spans
 
 
+def line_files(
+    files: list[AudioFile], long_ids: set[str], store: Store, options: SegmentOptions
+) -> list[AudioFile] | None:
+    """`files` as a merge of this run would join them: each long file (id in `long_ids`) replaced by
+    its stored segments, as AudioFiles whose id is the line id. None when a long file has no stored
+    segment list for this version and fingerprint (its VAD task must run) or one with no speech
+    (merge reports it): then only a merge knows the folder's lines. One read per long file."""
+    fingerprint = segmentation_fingerprint(options)
+    out: list[AudioFile] = []
+    for f in files:
+        if f.id not in long_ids:
+            out.append(f)
+            continue
+        listing = load_segment_list(store, f, fingerprint)
+        if listing is None or not listing.segments:
+            return None
+        out += [AudioFile(id=s.line_id(f.id), path=f.path, source=f.source) for s in listing.segments]
+    return out
+
+
 def expand_shard(
     location: str, index: int, batches: list[Batch], settings: PipelineSettings, plan_settings: dict[str, Any],
 ) -> tuple[list[Batch], dict[str, tuple[float, float]]]:

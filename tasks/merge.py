@@ -110,7 +110,8 @@ def merge_folder(
     """
     known_errors = known_errors or []
     files = sorted({f.id: f for f in files}.values(), key=lambda f: line_order(f.id))  # segments by start
-    n_files = len(files) + len({e.id for e in known_errors} - {f.id for f in files})
+    # Audio files, not lines: a long recording is one file however many segment lines it gives.
+    n_files = len({source_id(f.id) for f in files} | {source_id(e.id) for e in known_errors})
     with store.folder_lock(folder):
         refused = output_name_problem(folder)
         if refused is not None:
@@ -126,13 +127,16 @@ def merge_folder(
         joined = _join(folder, files, store, expect, stage_errors or {}, output, carried, before.jsonl_digest)
         removed = sorted([*removed, *joined.removed], key=lambda r: line_order(r.id))
         errors = _one_per_file([*known_errors, *joined.errors])
+        # A file is new when this run produced one of its lines and none of them failed (a long
+        # recording with a failed segment counts as failed, once).
+        new = len(joined.new_sources - {source_id(e.id) for e in errors if e.stage != "quality"})
         changed = joined.changed
         changed |= _write_errors(store, folder, errors, before.errors_raw)
         report = FolderReport(
             folder=folder, files=n_files, lines=joined.lines, errors=errors,
             audio_seconds=joined.audio_seconds, changed=changed, jsonl=store.display(jsonl_name(folder)),
             errors_jsonl=store.display(errors_name(folder)) if errors else None,
-            new=joined.new, flagged=joined.flagged, worst=joined.worst(),
+            new=new, flagged=joined.flagged, worst=joined.worst(),
             removed=len(removed), removed_ids=removed[:REMOVED_SHOWN], kept=joined.kept,
             segments=joined.segments, segment_seconds=round(joined.segment_seconds, 3),
             segment_durations=joined.segment_durations,
@@ -269,7 +273,7 @@ class _Joined:
         self.lost: dict[Kind, set[str]] = {"transcriptions": set(), "tokens": set()}
         self.lines = 0
         self.audio_seconds = 0.0
-        self.new = 0
+        self.new_sources: set[str] = set()  # audio files with a line whose intermediate this run produced
         self.flagged = 0
         self.changed = False
         self.index: LoadedIndex | None = None  # the slim index as read, and the entries to save
@@ -328,7 +332,8 @@ class _Joined:
                 # Counted once the line is written (a dropped clip is an error, not new), and only
                 # for what this run produced: a record reused, or left by an interrupted run, is not.
                 run_id = self.expect.run_id
-                self.new += run_id is not None and run_id in (t.run_id, k.run_id)
+                if run_id is not None and run_id in (t.run_id, k.run_id):
+                    self.new_sources.add(source_id(f.id))
             return
         if why_unlisted is not None:  # a stale line kept would break "no stale lines": removed, said so
             problem = problems["transcriptions"] or problems["tokens"]

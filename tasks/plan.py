@@ -159,10 +159,9 @@ def build_plan(
         for folder in chunk_names:
             files = [to_audio_file(listing, fs, f) for f in by_folder.pop(folder)]
             durations = {f.id: d for f in files if (d := long_duration(f, settings.segmentation)) is not None}
-            # A folder with long files is never left alone as settled: its index keys segments,
-            # and a segmentation option may have changed (the segment lists decide, in the tasks).
-            if folder in indexes and not durations:
-                report = settled_report(store, folder, files, indexes[folder], provenance, output, settings_hash)
+            if folder in indexes:  # long files: their stored segment lists decide (`tasks.settled`)
+                report = settled_report(store, folder, files, indexes[folder], provenance, output, settings_hash,
+                                        set(durations), settings.segmentation)
                 if report is not None:
                     settled.append(report)
                     continue

@@ -188,14 +188,14 @@ class FolderReport(Record):
     """What merge wrote for one folder."""
 
     folder: str
-    files: int
-    lines: int
+    files: int  # audio files (a long recording is one, however many segment lines it gives)
+    lines: int  # JSONL lines, segments included
     errors: list[FileError] = Field(default_factory=list)
     audio_seconds: float = 0.0
     changed: bool = True  # False: the stored JSONL already held exactly these lines
     jsonl: str
     errors_jsonl: str | None = None
-    new: int = 0  # lines with an intermediate this run produced (`run_id`); the rest were reused
+    new: int = 0  # files with a line whose intermediate this run produced (`run_id`), none failed
     flagged: int = 0  # lines whose transcription carries quality flags
     worst: list[dict[str, Any]] = Field(default_factory=list)  # a few flagged clips: id, flags, text
     removed: int = 0  # ids the last merge wrote that this one did not (`tasks.merge`: why, per id)

@@ -12,6 +12,12 @@ both stages of every file under this run's provenance (so a changed file, model,
 language or tokeniser setting unsettles it); and the JSONL and errors file are as that merge left
 them (size and modification stamp: an edited or deleted output is merged again). Merging it again
 would write the same bytes, so it gets no shard task and no merge; its report comes from the stamp.
+
+A folder with long recordings (issue 22) is asked the same about its lines: each long file stands
+for the segments of its stored segment list (one read each), which must exist for this version of
+the file and this segmentation fingerprint. So a changed cutting option unsettles only folders with
+long files, and a changed `segment_over_s` or `no_segment` that turns a file whole (or long) changes
+the folder's line ids, which unsettles it too.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import hashlib
 from collections.abc import Iterable
 
 from tasks.folder_index import LoadedIndex, MergeStamp, OutputStat
-from tasks.records import AudioFile, FolderReport, OutputOptions, Provenance
+from tasks.long_plan import line_files
+from tasks.records import AudioFile, FolderReport, OutputOptions, Provenance, source_id, split_segment_id
+from tasks.settings import SegmentOptions
 from tasks.storage import Store, errors_name, jsonl_name
 
 
@@ -39,27 +47,45 @@ def output_stat(store: Store, relative: str) -> OutputStat | None:
 def merge_stamp(
     store: Store, folder: str, files: list[AudioFile], report: FolderReport, output: OutputOptions
 ) -> MergeStamp | None:
-    """The stamp a merge that just wrote `report` leaves in the index; None when a file failed
-    (a failed file is retried by every run, so such a folder is never settled)."""
-    if any(e.stage != "quality" for e in report.errors) or report.files != len(files):
+    """The stamp a merge that just wrote `report` from `files` (line ids: a long file's segments)
+    leaves in the index; None when a file failed (a failed file is retried by every run, so such
+    a folder is never settled)."""
+    if any(e.stage != "quality" for e in report.errors) or report.files != len({source_id(f.id) for f in files}):
         return None
     return MergeStamp(
         ids_sha256=ids_sha256(f.id for f in files), output=output, lines=report.lines,
         audio_seconds=report.audio_seconds, flagged=report.flagged, worst=report.worst,
         dropped=report.errors, jsonl=output_stat(store, jsonl_name(folder)),
-        errors_jsonl=output_stat(store, errors_name(folder)),
+        errors_jsonl=output_stat(store, errors_name(folder)), segments=report.segments,
+        segment_seconds=report.segment_seconds, segment_durations=report.segment_durations,
     )
 
 
 def settled_report(
     store: Store, folder: str, files: list[AudioFile], index: LoadedIndex, expect: Provenance,
-    output: OutputOptions, settings_hash: str,
+    output: OutputOptions, settings_hash: str, long_ids: set[str] | frozenset[str] = frozenset(),
+    segmentation: SegmentOptions | None = None,
 ) -> FolderReport | None:
-    """The report a merge of `folder` would give, when it would change nothing; else None."""
+    """The report a merge of `folder` would give, when it would change nothing; else None.
+
+    `files`: the folder's audio files as discovered now; `long_ids`: those to be segmented with
+    `segmentation` (`tasks.long_plan.long_duration`).
+    """
     stamp = index.index.merged
-    if stamp is None or stamp.output != output or stamp.ids_sha256 != ids_sha256(f.id for f in files):
+    if stamp is None or stamp.output != output:
         return None
-    for f in files:
+    lines = files
+    if long_ids:
+        found = line_files(files, set(long_ids), store, segmentation or SegmentOptions())
+        if found is None:
+            return None
+        lines = found
+        segments = {f.id for f in lines if split_segment_id(f.id) is not None}
+        if stamp.segments != len(segments - {e.id for e in stamp.dropped}):  # also: a stamp from before segments
+            return None
+    if stamp.ids_sha256 != ids_sha256(f.id for f in lines):
+        return None
+    for f in lines:
         if not (index.vouches("transcriptions", f, expect) and index.vouches("tokens", f, expect, settings_hash)):
             return None
     if output_stat(store, jsonl_name(folder)) != stamp.jsonl:
@@ -70,6 +96,6 @@ def settled_report(
         folder=folder, files=len(files), lines=stamp.lines, errors=list(stamp.dropped),
         audio_seconds=stamp.audio_seconds, changed=False, jsonl=store.display(jsonl_name(folder)),
         errors_jsonl=store.display(errors_name(folder)) if stamp.dropped else None,
-        new=0, flagged=stamp.flagged, worst=list(stamp.worst),
+        new=0, flagged=stamp.flagged, worst=list(stamp.worst), segments=stamp.segments,
+        segment_seconds=stamp.segment_seconds, segment_durations=list(stamp.segment_durations),
     )
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flows.artifacts import folder_rows, run_report_markdown, segment_panel
 from flows.plots import histogram_png
-from tasks.records import FolderReport
+from tasks.records import FileError, FolderReport, segment_id
 from tasks.storage import Store
 
 
@@ -32,3 +32,11 @@ def test_run_report_says_how_much_was_segmented_and_plots_durations(tmp_path):
     assert panel is not None and sorted(panel.values) == sorted([4.2, 12.5, 27.9] * 4)
     assert histogram_png([panel], columns=1).startswith(b"\x89PNG")
     assert segment_panel(_reports()[1:]) is None
+
+
+def test_a_long_file_with_failed_segments_is_one_failed_file_in_the_table():
+    errors = [FileError(id=segment_id("book/ch01.flac", s, e), stage="transcribe", error="refused")
+              for s, e in [(0.3, 20.1), (40.0, 60.5)]]
+    report = FolderReport(folder="book", files=2, lines=5, errors=errors, jsonl="r/book.jsonl", new=1, segments=5)
+    row = folder_rows([report])[0]
+    assert (row["files"], row["new"], row["failed"], row["reused"], row["lines"]) == (2, 1, 1, 0, 5)
