@@ -26,7 +26,7 @@ clips; WER (tests/wer.py) is given over the 20 shipped clips and over all. For `
 contender alike. (a) and (b) run `--repeats` times, interleaved, so other work on the machine
 weighs on both alike; the fastest pass of each is reported, with every pass and the load average
 around it. Speed ratios are the peer's seconds over each contender's (> 1: faster than the peer),
-measured in this run. `--no-cli` skips (c). JSON goes to bench/results/peer-<corpus>-<cpu|gpu>.json
+measured in this run. `--no-cli` skips (c). JSON goes to bench/results/peer-<corpus>-<clips>-<cpu|gpu>.json
 (`peer-<cpu|gpu>.json` for the demo corpus, as before).
 
     uv run python -m bench.peer --rounds 3 --repeats 2
@@ -240,7 +240,7 @@ def main() -> None:
         f["wer_vs_peer"] = round(f["wer_all"] - figures["peer"]["wer_all"], 4)
         if "peer_threads_matched" in figures:
             f["speed_vs_peer_threads_matched"] = round(figures["peer_threads_matched"]["seconds"] / f["seconds"], 3)
-    write_json("peer" if args.corpus == "demo" else f"peer-{args.corpus}", {
+    write_json("peer" if args.corpus == "demo" else f"peer-{args.corpus}-{args.clips}", {
         "benchmark": "peer", "corpus": args.corpus, "clips": len(references),
         "rounds": args.rounds if args.corpus == "demo" else None, "repeats": args.repeats,
         "audio_seconds": round(audio_s, 2), "machine": machine(), "figures": figures,

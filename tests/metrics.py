@@ -13,6 +13,15 @@ def transcribe_requests(url: str) -> int:
     return sum(transcribe_requests_by_status(url).values())
 
 
+def requests_in_progress(url: str) -> int:
+    """HTTP requests the service has received and not yet answered (its own scrape excluded)."""
+    text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "whisper_requests_in_progress":
+            return int(family.samples[0].value)
+    raise AssertionError("the service exports no whisper_requests_in_progress gauge")
+
+
 def transcribe_requests_by_status(url: str) -> dict[str, int]:
     """Transcription requests the service has answered so far, by HTTP status ("200", "429", ...)."""
     text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=10).text

@@ -48,6 +48,7 @@ LANES: Final = ("short", "long")
 ABANDON_REASONS: Final = ("disconnected", "cancelled")
 BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+METRICS_PATH: Final = "/metrics"  # routes.py serves it; its own scrape is not "in progress"
 
 
 class ServiceMetrics:
@@ -86,6 +87,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.model_loaded = Gauge("whisper_model_loaded", "1 once the model is loaded.", registry=r)
+        self.in_progress = Gauge(
+            "whisper_requests_in_progress",
+            "HTTP requests received and not yet answered (queued, in the engine or being sent); "
+            "a scrape of /metrics does not count itself.",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "whisper_queue_depth", "Clips waiting per batcher lane.", ["lane"], registry=r
         )
@@ -144,6 +151,9 @@ class MetricsMiddleware:
             return
         status = 500  # what the client sees if the app raises before answering
         start = time.perf_counter()
+        counted = scope["path"] != METRICS_PATH
+        if counted:
+            self.metrics.in_progress.inc()
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -154,6 +164,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
+            if counted:
+                self.metrics.in_progress.dec()
             route = route_label(scope, self.paths)
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.latency.labels(route=route).observe(time.perf_counter() - start)

@@ -86,6 +86,9 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30)
         raise
 
 
+TRANSIENT_STATUSES = frozenset({429, 502, 503})  # what Prefect's client retries by default
+
+
 @dataclass
 class PrefectServer:
     api_url: str
@@ -115,7 +118,13 @@ class PrefectServer:
         return done
 
     def request(self, method: str, path: str, body: object = None) -> object:
-        response = httpx.request(method, f"{self.api_url}{path}", json=body, headers=self.headers(), timeout=30)
+        """One API call, retried as Prefect's own client retries it: a busy SQLite server answers
+        503 (database locked) now and then under load."""
+        for attempt in range(6):
+            response = httpx.request(method, f"{self.api_url}{path}", json=body, headers=self.headers(), timeout=30)
+            if response.status_code not in TRANSIENT_STATUSES or attempt == 5:
+                break
+            time.sleep(0.5 * 2**attempt)
         response.raise_for_status()
         return response.json() if response.content else None
 

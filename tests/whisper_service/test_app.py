@@ -406,6 +406,23 @@ def test_errors_are_counted_by_reason(service_url: str) -> None:
     assert counter(service_url, "whisper_requests", route="/transcribe", status="400") >= 1
 
 
+def test_requests_in_progress_counts_open_requests_and_not_its_own_scrape(
+    service_url: str, demo_clips: list[DemoClip], clip_bytes: dict[str, bytes]
+) -> None:
+    """Operators and tests (a killed client's requests drained) read when the service is idle."""
+    gauge = ("whisper_requests_in_progress", ())
+    assert metric_samples(service_url, "whisper_requests_in_progress")[gauge] == 0
+    seen: list[float] = []
+    with ThreadPoolExecutor(4) as pool:
+        posts = [pool.submit(post_clip, service_url, clip_bytes[c.id]) for c in demo_clips[:4]]
+        while not all(p.done() for p in posts):
+            seen.append(metric_samples(service_url, "whisper_requests_in_progress")[gauge])
+            time.sleep(0.02)
+    assert all(p.result().status_code == 200 for p in posts)
+    assert max(seen) >= 1 and all(0 <= n <= 4 for n in seen), seen
+    assert metric_samples(service_url, "whisper_requests_in_progress")[gauge] == 0
+
+
 # --- security ---
 
 
