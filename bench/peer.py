@@ -171,7 +171,11 @@ def run_cli(root: Path, results: Path, url: str) -> tuple[float, dict[str, str],
         for line in jsonl.read_text().splitlines():
             record = json.loads(line)
             texts[record["id"]] = record["transcription"]
+    # A run that had to start the kept Prefect server (none running for this Prefect home) pays its
+    # start (bench/latency.py: ~5 s); a run within its idle time of another does not.
+    started_server = "started a local Prefect server" in done.stderr
     return seconds, texts, {"command": "audio-pipeline run AUDIO --results RESULTS --service-url URL",
+                            "started_prefect_server": started_server,
                             "summary": done.stdout.strip().splitlines()[-3:]}
 
 

@@ -61,9 +61,9 @@ def encoder_ms(batches: tuple[int, ...], repeats: int, windows: int = 4) -> dict
     best: dict[str, dict[str, float]] = {name: {} for name in configs}
     for _ in range(repeats):
         for batch in batches:
-            calls = max(1, windows // batch)
             for name, model in models.items():
                 workers = configs[name][1]
+                calls = max(workers, windows // batch)  # every worker busy: one call would leave a core idle
                 views = [ctranslate2.StorageView.from_array(features[:batch]) for _ in range(calls)]
                 model.encode(views[0])  # warm
                 started = time.perf_counter()

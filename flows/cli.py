@@ -261,6 +261,13 @@ def _run(preview: int, **parameters) -> int:
         except RunNotStartedError as e:
             click.echo(f"error: {e}", err=True)
             return 2
+        if server is not None and server.process is not None:
+            # This run waits for the server it just started: build the tokeniser meanwhile, on the
+            # core the server leaves, instead of beside the first transcriptions.
+            from flows.runner import runs_tasks_in_this_process, warm_tokeniser
+
+            if runs_tasks_in_this_process(settings):
+                warm_tokeniser(settings)
         from flows.pipeline import parallel_transcribe_tokenise
 
         if server is not None:
