@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from tests.fixtures.speech import SENTENCES as HARVARD_1_2, require_tools
+from tests.fixtures.speech import SENTENCES as HARVARD_1_2, require_tools, speak
 
 # Harvard lists 3-4 (public domain), on top of the 20 shipped in tests/fixtures/speech.py.
 HARVARD_3_4 = [
@@ -72,19 +71,8 @@ _DIGITS = dict(enumerate(WORDS[:10]))
 
 
 def _speak(text: str, voice: str, speed: int, rate: int, out: Path, gap_10ms: int) -> float:
-    """espeak-ng -> sox (mono, 16-bit, `rate` Hz, leading/trailing silence trimmed) -> FLAC."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-g", str(gap_10ms), "--stdout", text],
-        check=True, capture_output=True,
-    ).stdout
-    subprocess.run(
-        ["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", str(out),
-         # trim silence at both ends, keep 50 ms of it (a word clip is speech, not espeak's pause)
-         "silence", "1", "0.01", "0.1%", "reverse", "silence", "1", "0.01", "0.1%", "reverse",
-         "pad", "0.05", "0.05"],
-        input=wav, check=True, capture_output=True,
-    )
+    """One trimmed clip (`tests.fixtures.speech.speak`); returns its duration in seconds."""
+    speak(text, voice, out, speed, rate=rate, gap_10ms=gap_10ms, trim=True)
     return sf.info(out).duration
 
 
