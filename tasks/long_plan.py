@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.audio_stream import probe
-from tasks.records import AudioFile, Batch, Record, Shard
+from tasks.records import AudioFile, Batch, Record, Segment, Shard
 from tasks.segments import load_segment_list, segmentation_fingerprint
 from tasks.settings import PipelineSettings, SegmentOptions
 from tasks.storage import Store
@@ -146,6 +146,16 @@ def segment_options(plan_settings: dict[str, Any]) -> SegmentOptions:
     return SegmentOptions(**plan_settings.get("segmentation", {}))
 
 
+def segment_lines(f: AudioFile, store: Store, fingerprint: str) -> list[tuple[AudioFile, Segment]] | None:
+    """Long file `f`'s lines (AudioFiles whose id is the line id) with their segments, from its
+    stored segment list; None when there is no list for this version and fingerprint, or it has
+    no speech."""
+    listing = load_segment_list(store, f, fingerprint)
+    if listing is None or not listing.segments:
+        return None
+    return [(AudioFile(id=s.line_id(f.id), path=f.path, source=f.source), s) for s in listing.segments]
+
+
 def expand(
     files: list[AudioFile], items: list[LongItem], store: Store, options: SegmentOptions, whole: bool = False
 ) -> tuple[list[AudioFile], dict[str, tuple[float, float]]]:
@@ -165,14 +175,13 @@ def expand(
         if f.id not in ranges:
             out.append(f)
             continue
-        listing = load_segment_list(store, f, fingerprint)
-        if listing is None or not listing.segments:  # no list (merge reports why), or no speech
+        lines = segment_lines(f, store, fingerprint)
+        if lines is None:  # no list (merge reports why), or no speech
             if whole:
                 out.append(f)
             continue
-        for s in listing.segments:
+        for line, s in lines:
             if whole or any(r.start <= s.start < r.end for r in ranges[f.id]):
-                line = AudioFile(id=s.line_id(f.id), path=f.path, source=f.source)
                 out.append(line)
                 spans[line.id] = (s.start, s.end)
     return out, spans
@@ -191,10 +200,10 @@ def line_files(
         if f.id not in long_ids:
             out.append(f)
             continue
-        listing = load_segment_list(store, f, fingerprint)
-        if listing is None or not listing.segments:
+        lines = segment_lines(f, store, fingerprint)
+        if lines is None:
             return None
-        out += [AudioFile(id=s.line_id(f.id), path=f.path, source=f.source) for s in listing.segments]
+        out += [line for line, _ in lines]
     return out
 
 
