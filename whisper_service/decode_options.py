@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Bump when a change to the engines' decoding code can change a transcript for the same options
 # and weights (e.g. a new fallback rule), so fingerprints and therefore reuse change with it.
 # 2: faster-whisper decodes short clips with timestamp tokens, as its `transcribe()` does.
-DECODER_VERSION = 2
+# 3: faster-whisper follows `transcribe()`'s seek rule on short clips (a decode that stops early
+#    goes on in a next window), and clips over `no_timestamps_over_s` decode without timestamps.
+DECODER_VERSION = 3
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Whisper's own ladder
 
@@ -65,6 +67,13 @@ class DecodeKnobs(BaseModel):
     )
     compute_type: str = Field(
         "auto", description="auto, or float32/float16 (openai-whisper), or any CTranslate2 type."
+    )
+    no_timestamps_over_s: float | None = Field(
+        10.0, gt=0, le=30,
+        description="faster-whisper: clips longer than this (seconds) decode without timestamp "
+        "tokens, as BatchedInferencePipeline decodes its VAD chunks; shorter ones with them, as "
+        "transcribe() does. Measured (docs/PERFORMANCE.md): timestamps won on 2-5 s sentences, "
+        "lost on 20-30 s segments of long recordings. None or 30: always with timestamps.",
     )
     language: str | None = Field(None, description="Language when a request names none.")
     initial_prompt: str | None = Field(None, description="Text the decoder is conditioned on.")

@@ -98,6 +98,12 @@ class WhisperServiceSettings(BaseSettings):
         "auto", description="auto (CPU: int8 / float32; CUDA: float16), or an explicit type."
     )
     initial_prompt: str | None = Field(None, description="Text every decode is conditioned on.")
+    no_timestamps_over_s: float | None = Field(
+        10.0, gt=0, le=30,
+        description="faster-whisper: clips longer than this many seconds (a long recording's "
+        "segments) decode without timestamp tokens, as BatchedInferencePipeline does; "
+        "WHISPER_NO_TIMESTAMPS_OVER_S=30 keeps them on every clip.",
+    )
     api_token: SecretStr | None = Field(
         None, description="If set, all routes but /healthz need `Authorization: Bearer <token>`."
     )
@@ -124,6 +130,7 @@ class WhisperServiceSettings(BaseSettings):
             compute_type=self.compute_type,
             language=self.language,
             initial_prompt=self.initial_prompt,
+            no_timestamps_over_s=self.no_timestamps_over_s,
         )
 
     @model_validator(mode="after")

@@ -21,11 +21,11 @@ WEIGHTS = "ab" * 32
 # DECODER_VERSION changes; update it deliberately (that change invalidates every stored transcript).
 GOLDEN_JSON = (
     '{"beam_size":5,"best_of":5,"compression_ratio_threshold":2.4,"compute_type":"int8",'
-    '"converter_version":null,"decoder_version":2,"engine":"faster-whisper","initial_prompt":null,'
+    '"converter_version":null,"decoder_version":3,"engine":"faster-whisper","initial_prompt":null,'
     '"language":null,"log_prob_threshold":-1.0,"model":"tiny.en","no_speech_threshold":0.6,'
-    '"temperatures":[0.0,0.2,0.4,0.6,0.8,1.0],"weights_sha256":"' + WEIGHTS + '"}'
+    '"no_timestamps_over_s":10.0,"temperatures":[0.0,0.2,0.4,0.6,0.8,1.0],"weights_sha256":"' + WEIGHTS + '"}'
 )
-GOLDEN_FINGERPRINT = "63dbb59982803b976f130049ef043f56883af874230ce699a29b872d00d89228"
+GOLDEN_FINGERPRINT = "fe7c6b72c05709c306313399b2d5edbbe486d34591790134a09ffa519902242a"
 
 
 def build(knobs: DecodeKnobs | None = None, **identity: str) -> DecodeOptions:

@@ -22,6 +22,7 @@ from whisper_service.engines import default_batch_size, default_workers, load_en
 from whisper_service.engines.base import Transcript
 from whisper_service.engines.faster_whisper import FasterWhisperEngine
 from whisper_service.engines.models import bundled_ct2_dir
+from whisper_service.engines.seek import FRAMES_PER_SECOND
 
 BEAM5_NO_FALLBACK = DecodeKnobs(temperatures=(0.0,))  # deterministic: no sampling
 # "Glue the sheet to the dark blue background." by espeak-ng en-029 at 170 wpm: greedy loops on it.
@@ -48,6 +49,53 @@ def test_short_clips_decode_as_faster_whisper_transcribe(engine: FasterWhisperEn
     ]
     assert ours == theirs
     assert all(ours)
+
+
+@pytest.fixture(scope="module")
+def stops_early(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """21.2 s of read speech (five Harvard sentences, espeak-ng en-us+f3) on which tiny.en's first
+    window stops after the fourth: it ends on a timestamp pair at 17 s, and `transcribe()` goes
+    on from there. The span the segmenter cut from bench/longform.py's lecture02 (issue 22)."""
+    from tests.fixtures.longform import make_long_recording
+
+    rec = make_long_recording(tmp_path_factory.mktemp("long") / "l2.flac", 115, voice="en-us+f3", speed=130,
+                              seed=32, first_sentence=13)
+    audio = decode_audio(rec.path.read_bytes())
+    return audio[int(91.20 * 16_000):int(112.38 * 16_000)]
+
+
+def test_a_decode_that_stops_early_goes_on_in_a_next_window_as_transcribe_does(stops_early: np.ndarray):
+    """The last sentence ("Adding fast leads to wrong sums.") lies after the point where the first
+    window's decode stopped. Decoding only that window lost it on 2 of 7 segments of a lecture;
+    the engine now looks again from the last timestamp, prompted with the text so far, and its
+    text is the loop's. Batched with a clip that needs one window, so rounds are per clip."""
+    knobs = DecodeKnobs(temperatures=(0.0,), no_timestamps_over_s=None)
+    engine = FasterWhisperEngine(bundled_ct2_dir(), "cpu", knobs, cpu_threads=2)
+    model = engine._loaded()
+    loop = list(model.transcribe(stops_early, beam_size=5, temperature=[0.0])[0])
+    assert len({s.seek for s in loop}) >= 2  # the loop itself needed a second window here
+    short = stops_early[: 4 * 16_000]
+    ours, alone = engine.transcribe([stops_early, short])
+    assert ours.text == "".join(s.text for s in loop).strip()
+    assert "sums" in ours.text.split()[-1]
+    assert [(s.start, s.end) for s in ours.segments] == [(round(s.start, 3), round(s.end, 3)) for s in loop]
+    assert alone.text == engine.transcribe([short])[0].text
+    later = [s for s in loop if s.seek > 0]
+    assert later and later[0].start == later[0].seek / FRAMES_PER_SECOND
+
+
+def test_clips_over_the_timestamp_limit_decode_as_the_batched_pipeline_does(stops_early: np.ndarray):
+    """A long recording's segments (over `no_timestamps_over_s`) decode without timestamp tokens,
+    as faster-whisper's BatchedInferencePipeline decodes its VAD chunks: one window, the text of
+    `transcribe(without_timestamps=True)`. Shorter clips keep their timestamps."""
+    knobs = DecodeKnobs(temperatures=(0.0,), no_timestamps_over_s=10.0)
+    engine = FasterWhisperEngine(bundled_ct2_dir(), "cpu", knobs, cpu_threads=2)
+    model = engine._loaded()
+    plain = "".join(s.text for s in model.transcribe(
+        stops_early, beam_size=5, temperature=[0.0], without_timestamps=True)[0]).strip()
+    short = stops_early[: 4 * 16_000]
+    stamped = "".join(s.text for s in model.transcribe(short, beam_size=5, temperature=[0.0])[0]).strip()
+    assert [t.text for t in engine.transcribe([stops_early, short])] == [plain, stamped]
 
 
 def test_concurrent_calls_give_the_same_text_as_one_call(engine: FasterWhisperEngine, demo_clips: list[DemoClip]):

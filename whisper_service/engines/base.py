@@ -66,6 +66,7 @@ class Attempt:
     no_speech_prob: float
     temperature: float
     language_probability: float | None = None
+    tokens: tuple[int, ...] = ()  # as decoded, timestamps included (for the seek rule)
 
     @property
     def compression_ratio(self) -> float:

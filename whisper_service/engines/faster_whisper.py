@@ -2,10 +2,11 @@
 
 Clips of at most 30 s (Whisper's window, i.e. nearly every VCTK-style utterance) are padded to
 one window each, stacked, encoded together and decoded by a single `generate` call, as in
-faster-whisper's `BatchedInferencePipeline.generate_segment_batched`, with the prompt and
-timestamp rules of `WhisperModel.transcribe`, so a clip's text is the one that loop gives for its
-first window. Each window is padded to the
-same 3000 frames whatever the batch, so a clip's text does not depend on its batch companions.
+faster-whisper's `BatchedInferencePipeline.generate_segment_batched`, with the prompt, timestamp
+and seek rules of `WhisperModel.transcribe`, so a clip's text is the one that loop gives: where
+a decode stops before the clip's end, the rest is decoded in a next window (`engines.seek`).
+Each window is padded to the same 3000 frames whatever the batch, so a clip's text does not
+depend on its batch companions.
 CTranslate2 batches beam search itself. Whisper's temperature fallback runs batched on top:
 only the clips whose decode failed the thresholds are decoded again, at the next temperature,
 with best-of sampling (`engines.base.decode_with_fallback`), on the encoder output of the first
@@ -34,6 +35,7 @@ from whisper_service.audio import SAMPLE_RATE
 from whisper_service.decode_options import DecodeKnobs, DecodeOptions
 from whisper_service.engines.base import (
     Attempt,
+    DecodeAt,
     ModelNotAvailableError,
     Transcript,
     UnsupportedLanguageError,
@@ -41,8 +43,10 @@ from whisper_service.engines.base import (
     decode_with_fallback,
     finish,
     from_segments,
+    is_no_speech,
     transcribe_by_length,
 )
+from whisper_service.engines.seek import FRAMES_PER_SECOND, WindowSplit, split_window
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,11 @@ logger = logging.getLogger(__name__)
 # timestamp tokens (without them, tiny.en's beam-5 WER on 2-5 s espeak-ng sentences was ~0.015-0.03
 # worse than the loop's), the first one at most 1.0 s (in 0.02 s steps) into the window.
 MAX_INITIAL_TIMESTAMP_INDEX = 50
+N_FRAMES = 3000  # mel frames in one 30 s window
+PROMPT_RESET_ON_TEMPERATURE = 0.5  # transcribe()'s: a window kept at a higher one prompts nothing
+# Looks at one clip of <= 30 s. Each look starts where the last closed stretch ended, so one or
+# two are the rule; the cap bounds what a clip that keeps stopping early can cost the service.
+MAX_WINDOWS = 6
 
 
 def resolve_device(device: str) -> str:
@@ -185,27 +194,90 @@ class FasterWhisperEngine:
         language: str | None,
         options: DecodeOptions,
     ) -> list[Transcript]:
-        """One encoder pass and one decoder call for clips of at most 30 s, then batched
-        fallback decodes for the clips that failed the thresholds."""
-        features = np.stack([pad_or_trim(model.feature_extractor(a)[..., :-1]) for a in clips])
-        encoded = model.encode(features)
-        if language is None:  # multilingual model, no hint: detect per clip
-            detected = [probs[0] for probs in model.model.detect_language(encoded)]
-            languages = [token[2:-2] for token, _ in detected]
-            confidence: list[float | None] = [float(p) for _, p in detected]
-        else:
-            languages, confidence = [language] * len(clips), [None] * len(clips)
+        """Whisper's seek loop, run batched over clips of at most 30 s.
+
+        Round one encodes every clip's window and decodes them in one call (then batched
+        fallback decodes for the clips that failed the thresholds). A clip whose decode stopped
+        before the end of its audio (`seek.split_window`) is looked at again from its last
+        timestamp, as `transcribe()` does, in a next round shared by all such clips and prompted
+        with the clip's text so far (`condition_on_previous_text`, `transcribe()`'s default).
+        """
+        mels = [model.feature_extractor(a)[..., :-1] for a in clips]
+        frames = [m.shape[-1] for m in mels]
         multilingual = model.model.is_multilingual
-        tokenizers = {
-            lang: Tokenizer(model.hf_tokenizer, multilingual, "transcribe", lang)
-            for lang in set(languages)
-        }
+        languages: list[str] = [language or ""] * len(clips)
+        confidence: list[float | None] = [None] * len(clips)
+        tokenizers: dict[str, Tokenizer] = {}
+        over = options.no_timestamps_over_s
+        plain = [over is not None and len(c) > over * SAMPLE_RATE for c in clips]
+        seeks = [0] * len(clips)
+        history: list[list[int]] = [[] for _ in clips]  # transcribe()'s all_tokens, per clip
+        reset_since = [0] * len(clips)
+        windows: list[list[tuple[Attempt, bool, WindowSplit | None, int]]] = [[] for _ in clips]
+        def look(pending: list[int]) -> list[int]:
+            """One window of each of these clips, from its seek: the clips that need another."""
+            encoded = model.encode(np.stack([pad_or_trim(mels[i][:, seeks[i]:]) for i in pending]))
+            if seeks[pending[0]] == 0 and language is None:  # first look, multilingual, no hint
+                for i, (token, p) in zip(pending, (r[0] for r in model.model.detect_language(encoded)), strict=True):
+                    languages[i], confidence[i] = token[2:-2], float(p)
+            for lang in set(languages) - set(tokenizers):
+                tokenizers[lang] = Tokenizer(model.hf_tokenizer, multilingual, "transcribe", lang)
+            if seeks[pending[0]] == 0:
+                for i in pending:
+                    history[i] = self._initial_tokens(tokenizers[languages[i]], options)
+            prompts = [
+                model.get_prompt(tokenizers[languages[i]], history[i][reset_since[i]:], without_timestamps=plain[i])
+                for i in pending
+            ]
+            decode = self._decoder(model, encoded, prompts, [languages[i] for i in pending],
+                                   [confidence[i] for i in pending], tokenizers, options)
+            again = []
+            for i, (attempt, exhausted) in zip(pending, decode_with_fallback(len(pending), decode, options), strict=True):
+                size = min(N_FRAMES, frames[i] - seeks[i])
+                split = None
+                if is_no_speech(attempt.no_speech_prob, attempt.avg_logprob,
+                                options.no_speech_threshold, options.log_prob_threshold):
+                    advance = size  # transcribe() skips the window
+                else:
+                    split = split_window(list(attempt.tokens), tokenizers[languages[i]].timestamp_begin, size)
+                    advance = split.advance
+                    for stretch in split.stretches:
+                        if stretch.start != stretch.end and tokenizers[languages[i]].decode(stretch.tokens).strip():
+                            history[i].extend(stretch.tokens)
+                windows[i].append((attempt, exhausted, split, seeks[i]))
+                if attempt.temperature > PROMPT_RESET_ON_TEMPERATURE:
+                    reset_since[i] = len(history[i])
+                seeks[i] += advance
+                if seeks[i] < frames[i] and len(windows[i]) < MAX_WINDOWS:
+                    again.append(i)
+            return again
+
+        pending = list(range(len(clips)))
+        while pending:
+            # CTranslate2 wants one prompt layout per call: with and without timestamps apart.
+            pending = [i for flag in (False, True) if (group := [i for i in pending if plain[i] == flag])
+                       for i in look(group)]
+        return [
+            self._clip_transcript(w, tokenizers[languages[i]], len(c) / SAMPLE_RATE, options)
+            for i, (w, c) in enumerate(zip(windows, clips, strict=True))
+        ]
+
+    @staticmethod
+    def _decoder(
+        model: WhisperModel,
+        encoded: ctranslate2.StorageView,
+        prompts: list[list[int]],
+        languages: list[str],
+        confidence: list[float | None],
+        tokenizers: dict[str, Tokenizer],
+        options: DecodeOptions,
+    ) -> DecodeAt:
+        """`decode(indices, temperature)` over one round's encoded windows."""
         # faster-whisper's default: punctuation-only "non-speech" tokens and the special tokens
         suppress = list(get_suppressed_tokens(tokenizers[languages[0]], [-1]))
-        prompts = [self._prompt(model, tokenizers[lang], options) for lang in languages]
 
         def decode(indices: list[int], temperature: float) -> list[Attempt]:
-            subset = encoded if len(indices) == len(clips) else _rows(encoded, indices)
+            subset = encoded if len(indices) == len(prompts) else _rows(encoded, indices)
             if temperature > 0:  # faster-whisper's own choice: best-of sampling, no beam
                 kwargs = {
                     "beam_size": 1, "num_hypotheses": options.best_of,
@@ -233,21 +305,43 @@ class FasterWhisperEngine:
                     Attempt(
                         tokenizers[languages[i]].decode(tokens).strip(), languages[i],
                         float(avg_logprob), float(result.no_speech_prob), temperature,
-                        confidence[i],
+                        confidence[i], tuple(tokens),
                     )
                 )
             return attempts
 
-        kept = decode_with_fallback(len(clips), decode, options)
-        return [
-            finish(attempt, exhausted, len(c) / SAMPLE_RATE, options)
-            for (attempt, exhausted), c in zip(kept, clips, strict=True)
-        ]
+        return decode
 
     @staticmethod
-    def _prompt(model: WhisperModel, tokenizer: Tokenizer, options: DecodeOptions) -> list[int]:
-        previous = tokenizer.encode(" " + options.initial_prompt) if options.initial_prompt else []
-        return model.get_prompt(tokenizer, previous, without_timestamps=False)
+    def _clip_transcript(
+        windows: list[tuple[Attempt, bool, WindowSplit | None, int]],
+        tokenizer: Tokenizer,
+        duration: float,
+        options: DecodeOptions,
+    ) -> Transcript:
+        """One window that covered the clip (the rule): its decode, as always. Several, or text
+        past the audio's end: the stretches each window kept, joined as `transcribe()` joins its
+        segments."""
+        first, exhausted, split, _ = windows[0]
+        if len(windows) == 1 and (split is None or (split.covered and not split.dropped)):
+            return finish(first, exhausted, duration, options)
+        kept = []
+        for attempt, _, split, seek in windows:
+            if split is None:  # no speech: transcribe() skips the window
+                continue
+            offset = seek / FRAMES_PER_SECOND
+            for stretch in split.stretches:
+                text = tokenizer.decode(stretch.tokens)
+                if stretch.start != stretch.end and text.strip():
+                    kept.append((
+                        offset + stretch.start, offset + stretch.end, text, attempt.avg_logprob,
+                        attempt.no_speech_prob, attempt.temperature, len(stretch.tokens),
+                    ))
+        return from_segments(kept, first.language, duration, options, first.language_probability)
+
+    @staticmethod
+    def _initial_tokens(tokenizer: Tokenizer, options: DecodeOptions) -> list[int]:
+        return tokenizer.encode(" " + options.initial_prompt) if options.initial_prompt else []
 
     def _transcribe_long(
         self, model: WhisperModel, audio: np.ndarray, language: str | None, options: DecodeOptions
