@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -175,6 +177,11 @@ def load_segment_list(store: Store, file: AudioFile, fingerprint: str) -> Segmen
     return listing if ok else None
 
 
+def vad_threads() -> int:
+    """Files one segmentation task cuts side by side: the cores it may use, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def segment_files(
     files: list[AudioFile], options: SegmentOptions, store: Store, run_id: str | None = None, index: int = 0
 ) -> StageReport:
@@ -186,27 +193,34 @@ def segment_files(
     its lines never vanish silently.
     """
     fingerprint = segmentation_fingerprint(options)
-    done = reused = failed = 0
+    todo = [f for f in files if load_segment_list(store, f, fingerprint) is None]
+    reused, done, failed = len(files) - len(todo), 0, 0
     seconds = 0.0
-    for f in files:
-        if load_segment_list(store, f, fingerprint) is not None:
-            reused += 1
-            continue
+
+    def cut(f: AudioFile) -> SegmentList | Exception:
         try:
-            listing = segment_source(f, options, run_id=run_id)
+            return segment_source(f, options, run_id=run_id)
         except (AudioDecodeError, OSError) as e:
-            store.remove(segment_list_path(f.id))
-            for kind in ("transcriptions", "tokens"):
-                store.write_record(kind, Failure(id=f.id, stage="decode", error=f"cannot segment: {e}", source=f.source))
-            failed += 1
-            continue
-        store.write_bytes(segment_list_path(f.id), listing.model_dump_json().encode())
-        if not listing.segments:
-            error = f"no speech: Silero VAD found none in {listing.duration:.1f} s, so the file has no segment"
-            for kind in ("transcriptions", "tokens"):
-                store.write_record(kind, Failure(id=f.id, stage="quality", error=error, source=f.source))
-        done += 1
-        seconds += listing.duration
+            return e
+
+    # Decoding, resampling and the ONNX session release the GIL: files side by side use the
+    # cores a single VAD (one thread, like faster-whisper's) leaves idle. map keeps file order.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), vad_threads()))) as pool:
+        for f, listing in zip(todo, pool.map(cut, todo), strict=True):
+            if isinstance(listing, Exception):
+                store.remove(segment_list_path(f.id))
+                for kind in ("transcriptions", "tokens"):
+                    store.write_record(kind, Failure(id=f.id, stage="decode", error=f"cannot segment: {listing}",
+                                                     source=f.source))
+                failed += 1
+                continue
+            store.write_bytes(segment_list_path(f.id), listing.model_dump_json().encode())
+            if not listing.segments:
+                error = f"no speech: Silero VAD found none in {listing.duration:.1f} s, so the file has no segment"
+                for kind in ("transcriptions", "tokens"):
+                    store.write_record(kind, Failure(id=f.id, stage="quality", error=error, source=f.source))
+            done += 1
+            seconds += listing.duration
     return StageReport(stage="segment", shard=index, files=len(files), done=done, reused=reused, failed=failed,
                        audio_seconds=seconds)
 

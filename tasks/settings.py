@@ -30,8 +30,8 @@ class SegmentOptions(BaseModel):
 
     segment_over_s: float = Field(30.0, gt=0, description="Files longer than this (seconds) are segmented.")
     no_segment: bool = Field(False, description="Keep every file whole, however long (one line per file).")
-    min_segment_s: float = Field(15.0, ge=0, le=30, description="Shortest segment the cutter aims for (seconds).")
-    max_segment_s: float = Field(28.0, gt=1, le=30, description="Longest segment, padding included (<= 30 s: Whisper's window).")
+    min_segment_s: float = Field(22.0, ge=0, le=30, description="Shortest segment the cutter aims for (seconds).")
+    max_segment_s: float = Field(29.5, gt=1, le=30, description="Longest segment, padding included (<= 30 s: Whisper's window).")
     pad_s: float = Field(0.2, ge=0, le=1, description="Silence kept each side of the speech (never into a neighbour).")
     max_pause_s: float = Field(3.0, gt=0, description="A pause this long always ends a segment.")
     threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability that starts speech.")

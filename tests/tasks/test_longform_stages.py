@@ -82,7 +82,7 @@ def test_long_files_become_segment_lines(corpus, whisper_service_url):
     for line in lines:
         assert set(line) == {"id", "source_id", "start", "end", "transcription", "token_array"}
         assert split_segment_id(line["id"]) == (line["source_id"], line["start"], line["end"])
-        assert 0 < line["end"] - line["start"] <= 28.0
+        assert 0 < line["end"] - line["start"] <= settings.segmentation.max_segment_s
         # rpq: 25 tokens per second of exactly this span.
         assert abs(len(line["token_array"]) - 25 * (line["end"] - line["start"])) <= 2
         by_source.setdefault(line["source_id"], []).append(line)

@@ -130,7 +130,7 @@ def test_no_speech_gives_no_segments():
 def test_fingerprint_follows_cutting_options_only():
     base = segmentation_fingerprint(OPTIONS)
     assert segmentation_fingerprint(SegmentOptions(segment_over_s=600, no_segment=True)) == base
-    assert segmentation_fingerprint(SegmentOptions(max_segment_s=20)) != base
+    assert segmentation_fingerprint(SegmentOptions(max_segment_s=25)) != base
     assert segmentation_fingerprint(SegmentOptions(pad_s=0.1)) != base
 
 
@@ -197,3 +197,28 @@ def test_a_long_file_without_speech_is_reported_not_dropped(tmp_path):
     assert isinstance(record, Failure) and record.stage == "quality" and "no speech" in record.error
     files, spans = expand([f], [LongItem(id=f.id, start=0, end=41)], store, OPTIONS, whole=True)
     assert files == [f] and spans == {}
+
+
+def test_files_cut_side_by_side_give_each_file_its_own_list(recordings, tmp_path, monkeypatch):
+    """`segment_files` runs several files' VADs at once (threads); each list is the one that file
+    gets alone, the report counts each file once, and a broken file among them costs only itself."""
+    from tasks import segments
+    from tasks.records import Failure, SegmentList
+    from tasks.segments import segment_files, segment_list_path
+    from tasks.storage import Store
+
+    monkeypatch.setattr(segments, "vad_threads", lambda: 3)
+    bad = tmp_path / "bad.flac"
+    bad.write_bytes(b"fLaC" + b"\x00" * 200)
+    broken = AudioFile(id="book/bad.flac", path=str(bad), source=SourceInfo(size=204, mtime="0"))
+    good = [_file(recordings[name]) for name in ("mono16k", "stereo44k", "unbroken")]
+    store = Store(str(tmp_path / "results"))
+    report = segment_files([good[0], broken, *good[1:]], OPTIONS, store)
+    assert (report.done, report.failed, report.reused) == (3, 1, 0)
+    for f in good:
+        stored = SegmentList.model_validate_json(store.read_bytes(segment_list_path(f.id)))
+        assert stored.segments == segment_source(f, OPTIONS).segments
+    failure = store.read_transcription(broken.id)
+    assert isinstance(failure, Failure) and failure.stage == "decode" and "not readable audio" in failure.error
+    again = segment_files([good[0], broken, *good[1:]], OPTIONS, store)
+    assert (again.done, again.failed, again.reused) == (0, 1, 3)
