@@ -4,7 +4,8 @@ The same app, settings and database as the server Prefect starts for a run when 
 configured (`flows.prefect_api.SERVER_ENV`, `create_app`), served by uvicorn on 127.0.0.1, but
 it outlives the CLI run that started it, so the next run within `--idle-s` seconds of the last
 request finds it ready instead of spending ~12 s of CPU starting another. It stops itself after
-that long without a request: nothing is left running for good.
+that long with no request and no connection open: nothing is left running for good. A run that
+holds it touches it meanwhile (`flows.prefect_api.keep_alive`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ def main() -> None:
 
     app = create_app()
     last_request = [time.monotonic()]
+    in_flight = [0]  # requests and websockets open now: a long one is not idleness
 
     async def tracked(scope, receive, send):
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket"):
+            await app(scope, receive, send)
+            return
+        last_request[0] = time.monotonic()
+        in_flight[0] += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            in_flight[0] -= 1
             last_request[0] = time.monotonic()
-        await app(scope, receive, send)
 
     server = uvicorn.Server(uvicorn.Config(tracked, host="127.0.0.1", port=args.port, log_level="error",
                                            lifespan="on"))
@@ -44,7 +53,7 @@ def main() -> None:
         last_request[0] = time.monotonic()
         while not server.should_exit:
             time.sleep(min(5.0, args.idle_s / 4))
-            if time.monotonic() - last_request[0] > args.idle_s:
+            if not in_flight[0] and time.monotonic() - last_request[0] > args.idle_s:
                 server.should_exit = True
 
     threading.Thread(target=stop_when_idle, daemon=True, name="idle-stop").start()

@@ -8,7 +8,8 @@ after the CLI has already spent its own seconds checking the run and importing t
   own checks and imports meanwhile; the flow then finds PREFECT_API_URL set.
 - `keep` (the default, `AUDIO_PIPELINE_PREFECT_SERVER`): the server outlives the run
   (`flows.local_server`) and the next run reuses it: a rerun pays no server start. It stops
-  itself after `prefect_server_idle_s` (600 s) without a request. One per Prefect home, found
+  itself after `prefect_server_idle_s` (600 s) without a request; a run holding it touches it
+  every minute, so it never stops under a long run. One per Prefect home, found
   through `{PREFECT_HOME}/audio-pipeline-server.json`, started under a file lock.
 - `temporary`: started for this run and stopped when it ends, as Prefect does.
 
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -172,6 +174,20 @@ def kept_server(idle_s: float) -> LocalServer:
         return server
 
 
+def keep_alive(api_url: str, every_s: float, done: threading.Event) -> threading.Thread:
+    """Touch the kept server every `every_s` until `done`: its idle clock counts requests, and a
+    run whose tasks report nothing for `idle_s` (a big shard on a slow CPU) lost its API mid-run
+    (a 2,000-clip run, 20 minutes: `Connection refused` when the flow reported its end)."""
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            healthy(api_url)
+
+    thread = threading.Thread(target=beat, daemon=True, name="prefect-server-keep-alive")
+    thread.start()
+    return thread
+
+
 def is_kept_server(pid: int) -> bool:
     """`pid` runs a kept server (not a process that inherited its number)."""
     with contextlib.suppress(OSError):
@@ -214,8 +230,10 @@ def prefect_api(mode: ServerMode = "keep", idle_s: float = 600.0) -> Iterator[Lo
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    holding = threading.Event()
     if mode == "keep":
         server = kept_server(idle_s)
+        keep_alive(server.api_url, max(1.0, min(60.0, idle_s / 4)), holding)
     else:
         server = LocalServer.start(uvicorn_command(port := free_port()), port, tempfile.TemporaryFile())
     _running = server
@@ -227,6 +245,7 @@ def prefect_api(mode: ServerMode = "keep", idle_s: float = 600.0) -> Iterator[Lo
             finally:
                 drain_prefect_clients()
     finally:
+        holding.set()
         _running = None
         os.environ.pop("PREFECT_API_URL", None)
         if mode == "temporary":

@@ -122,6 +122,32 @@ def test_a_kept_server_serves_the_next_run_and_stops_itself_when_idle(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_kept_server_stays_up_under_a_run_that_holds_it_and_sends_nothing(tmp_path):
+    """A run whose tasks report nothing for longer than the idle time (one big shard on a slow
+    CPU) keeps its server: a 2,000-clip run lost it after 10 silent minutes and crashed on
+    `Connection refused` when the flow reported its end. Once the run lets go, it stops as before."""
+    out = _python(
+        """
+        import time
+        from flows.prefect_api import healthy, prefect_api
+        with prefect_api("keep", idle_s=4.0) as server:
+            server.wait_ready()
+            time.sleep(12)  # three idle times, no request of the run's own
+            print(healthy(server.api_url), server.api_url)
+        """,
+        _env(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    held, url = out.stdout.split()[-2:]
+    assert held == "True", "the kept server stopped under a run that was still holding it"
+    pid = json.loads((tmp_path / "prefect-home" / RECORD).read_text())["pid"]
+    deadline = time.monotonic() + 60  # watched through /proc: a request would reset its idle clock
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(1)
+    assert not healthy(url), "the kept server did not stop once the run let go"
+
+
+@pytest.mark.slow
 def test_a_second_run_waits_for_a_kept_server_still_starting_instead_of_replacing_it(tmp_path):
     """Two first runs at once: the second must not kill the first's server while it starts."""
     out = _python(
