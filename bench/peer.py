@@ -26,7 +26,7 @@ clips; WER (tests/wer.py) is given over the 20 shipped clips and over all. For `
 contender alike. (a) and (b) run `--repeats` times, interleaved, so other work on the machine
 weighs on both alike; the fastest pass of each is reported, with every pass and the load average
 around it. Speed ratios are the peer's seconds over each contender's (> 1: faster than the peer),
-measured in this run. `--no-cli` skips (c). JSON goes to bench/results/peer-<corpus>-<clips>-<cpu|gpu>.json
+measured in this run. `--no-cli` skips (c), `--no-stage` skips (b). JSON goes to bench/results/peer-<corpus>-<clips>-<cpu|gpu>.json
 (`peer-<cpu|gpu>.json` for the demo corpus, as before).
 
     uv run python -m bench.peer --rounds 3 --repeats 2
@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=100, help="clips of the sentences/words corpus")
     parser.add_argument("--rounds", type=int, default=3, help="demo: times through the 20 clips (1: shipped only)")
     parser.add_argument("--no-cli", action="store_true", help="skip (c), the whole `audio-pipeline run`")
+    parser.add_argument("--no-stage", action="store_true",
+                        help="skip (b), the stage alone: (a) and (c) are what a user compares (2,000 clips in ~45 min)")
     parser.add_argument("--no-matched", action="store_true",
                         help="skip the peer with threads matched (the same as the peer on 2 cores)")
     parser.add_argument("--repeats", type=int, default=2,
@@ -220,7 +222,8 @@ def main() -> None:
             parts = {"peer": load_peer(root, ids)}
             if not args.no_matched:
                 parts["peer_threads_matched"] = load_peer(root, ids, len(os.sched_getaffinity(0)))
-            parts["stage"] = prepare_stage(root, Path(tmp) / "results-stage", url)
+            if not args.no_stage:
+                parts["stage"] = prepare_stage(root, Path(tmp) / "results-stage", url)
             # Interleaved, so load from other work on the machine falls on every part alike.
             before = {name: load() for name in parts}
             passes: dict[str, list[tuple[float, dict[str, str]]]] = {name: [] for name in parts}

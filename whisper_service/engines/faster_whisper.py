@@ -214,6 +214,7 @@ class FasterWhisperEngine:
         history: list[list[int]] = [[] for _ in clips]  # transcribe()'s all_tokens, per clip
         reset_since = [0] * len(clips)
         windows: list[list[tuple[Attempt, bool, WindowSplit | None, int]]] = [[] for _ in clips]
+
         def look(pending: list[int]) -> list[int]:
             """One window of each of these clips, from its seek: the clips that need another."""
             encoded = model.encode(np.stack([pad_or_trim(mels[i][:, seeks[i]:]) for i in pending]))
