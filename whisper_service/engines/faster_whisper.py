@@ -46,7 +46,7 @@ from whisper_service.engines.base import (
     is_no_speech,
     transcribe_by_length,
 )
-from whisper_service.engines.seek import FRAMES_PER_SECOND, WindowSplit, split_window
+from whisper_service.engines.seek import FRAMES_PER_SECOND, Stretch, WindowSplit, split_window
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ PROMPT_RESET_ON_TEMPERATURE = 0.5  # transcribe()'s: a window kept at a higher o
 # Looks at one clip of <= 30 s. Each look starts where the last closed stretch ended, so one or
 # two are the rule; the cap bounds what a clip that keeps stopping early can cost the service.
 MAX_WINDOWS = 6
+
+# One look at a clip: kept attempt, exhausted, split (None: no speech), seek, stretches said (with text).
+Window = tuple[Attempt, bool, WindowSplit | None, int, list[tuple[Stretch, str]]]
 
 
 def resolve_device(device: str) -> str:
@@ -213,7 +216,7 @@ class FasterWhisperEngine:
         seeks = [0] * len(clips)
         history: list[list[int]] = [[] for _ in clips]  # transcribe()'s all_tokens, per clip
         reset_since = [0] * len(clips)
-        windows: list[list[tuple[Attempt, bool, WindowSplit | None, int]]] = [[] for _ in clips]
+        windows: list[list[Window]] = [[] for _ in clips]
 
         def look(pending: list[int]) -> list[int]:
             """One window of each of these clips, from its seek: the clips that need another."""
@@ -235,17 +238,20 @@ class FasterWhisperEngine:
             again = []
             for i, (attempt, exhausted) in zip(pending, decode_with_fallback(len(pending), decode, options), strict=True):
                 size = min(N_FRAMES, frames[i] - seeks[i])
-                split = None
+                split, said = None, []
                 if is_no_speech(attempt.no_speech_prob, attempt.avg_logprob,
                                 options.no_speech_threshold, options.log_prob_threshold):
                     advance = size  # transcribe() skips the window
                 else:
                     split = split_window(list(attempt.tokens), tokenizers[languages[i]].timestamp_begin, size)
                     advance = split.advance
-                    for stretch in split.stretches:
-                        if stretch.start != stretch.end and tokenizers[languages[i]].decode(stretch.tokens).strip():
-                            history[i].extend(stretch.tokens)
-                windows[i].append((attempt, exhausted, split, seeks[i]))
+                    # transcribe() keeps (and prompts with) only stretches with a length and a text
+                    said = [(stretch, text) for stretch in split.stretches
+                            if stretch.start != stretch.end
+                            and (text := tokenizers[languages[i]].decode(stretch.tokens)).strip()]
+                    for stretch, _ in said:
+                        history[i].extend(stretch.tokens)
+                windows[i].append((attempt, exhausted, split, seeks[i], said))
                 if attempt.temperature > PROMPT_RESET_ON_TEMPERATURE:
                     reset_since[i] = len(history[i])
                 seeks[i] += advance
@@ -259,7 +265,7 @@ class FasterWhisperEngine:
             pending = [i for flag in (False, True) if (group := [i for i in pending if plain[i] == flag])
                        for i in look(group)]
         return [
-            self._clip_transcript(w, tokenizers[languages[i]], len(c) / SAMPLE_RATE, options)
+            self._clip_transcript(w, len(c) / SAMPLE_RATE, options)
             for i, (w, c) in enumerate(zip(windows, clips, strict=True))
         ]
 
@@ -315,29 +321,22 @@ class FasterWhisperEngine:
 
     @staticmethod
     def _clip_transcript(
-        windows: list[tuple[Attempt, bool, WindowSplit | None, int]],
-        tokenizer: Tokenizer,
+        windows: list[Window],
         duration: float,
         options: DecodeOptions,
     ) -> Transcript:
         """One window that covered the clip (the rule): its decode, as always. Several, or text
         past the audio's end: the stretches each window kept, joined as `transcribe()` joins its
         segments."""
-        first, exhausted, split, _ = windows[0]
+        first, exhausted, split, _, _ = windows[0]
         if len(windows) == 1 and (split is None or (split.covered and not split.dropped)):
             return finish(first, exhausted, duration, options)
-        kept = []
-        for attempt, _, split, seek in windows:
-            if split is None:  # no speech: transcribe() skips the window
-                continue
-            offset = seek / FRAMES_PER_SECOND
-            for stretch in split.stretches:
-                text = tokenizer.decode(stretch.tokens)
-                if stretch.start != stretch.end and text.strip():
-                    kept.append((
-                        offset + stretch.start, offset + stretch.end, text, attempt.avg_logprob,
-                        attempt.no_speech_prob, attempt.temperature, len(stretch.tokens),
-                    ))
+        kept = [
+            (seek / FRAMES_PER_SECOND + stretch.start, seek / FRAMES_PER_SECOND + stretch.end, text,
+             attempt.avg_logprob, attempt.no_speech_prob, attempt.temperature, len(stretch.tokens))
+            for attempt, _, _, seek, said in windows  # a no-speech window said nothing: skipped
+            for stretch, text in said
+        ]
         return from_segments(kept, first.language, duration, options, first.language_probability)
 
     @staticmethod
