@@ -73,8 +73,9 @@ def stop_kept_server(env: dict[str, str]) -> None:
     """No kept local Prefect server for this Prefect home: the next run starts one (a cold start)."""
     record = Path(env["PREFECT_HOME"]) / RECORD
     with contextlib.suppress(OSError, ValueError, KeyError):
-        pid = int(json.loads(record.read_text())["pid"])
-        stop_kept(pid)
+        kept = json.loads(record.read_text())
+        pid = int(kept["pid"])
+        stop_kept(kept, record.parent)
         while Path(f"/proc/{pid}").exists() and b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower():
             time.sleep(0.2)
 

@@ -1,4 +1,4 @@
-"""`python -m flows.local_server --port P --idle-s S`: Prefect's temporary server, kept between runs.
+"""`python -m flows.local_server --port P --idle-s S --home H`: Prefect's temporary server, kept between runs.
 
 The same app, settings and database as the server Prefect starts for a run when no API is
 configured (`flows.prefect_api.SERVER_ENV`, `create_app`), served by uvicorn on 127.0.0.1, but
@@ -20,11 +20,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--idle-s", type=float, required=True, help="Stop after this long without a request.")
+    parser.add_argument("--home", required=True, help="The Prefect home it serves (also names it in `ps`).")
     args = parser.parse_args()
 
     from flows.prefect_api import SERVER_ENV
 
-    os.environ.update(SERVER_ENV)  # before Prefect reads its settings
+    os.environ.update(SERVER_ENV, PREFECT_HOME=args.home)  # before Prefect reads its settings
     import uvicorn
     from prefect.server.api.server import create_app
 

@@ -41,7 +41,7 @@ ServerMode = Literal["keep", "temporary"]
 # What Prefect's SubprocessASGIServer sets for its temporary server: no UI, the services of an
 # ephemeral server, and "final" (no second app in that process).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-RECORD = "audio-pipeline-server.json"  # in PREFECT_HOME: the kept server's pid, port and version
+RECORD = "audio-pipeline-server.json"  # in PREFECT_HOME: the kept server's pid, port, version and command
 
 
 def configured_api_url() -> str | None:
@@ -68,8 +68,10 @@ def uvicorn_command(port: int) -> list[str]:
     ]
 
 
-def kept_command(port: int, idle_s: float) -> list[str]:
-    return [sys.executable, "-m", "flows.local_server", "--port", str(port), "--idle-s", str(idle_s)]
+def kept_command(port: int, idle_s: float, home: Path) -> list[str]:
+    """The kept server's command line: the record keeps it, and `is_kept_server` matches it whole."""
+    return [sys.executable, "-m", "flows.local_server", "--port", str(port), "--idle-s", str(idle_s),
+            "--home", str(home)]
 
 
 def free_port() -> int:
@@ -156,20 +158,21 @@ def kept_server(idle_s: float) -> LocalServer:
     with FileLock(str(record_path) + ".lock", timeout=600):  # held for a start (Popen), not a wait
         with contextlib.suppress(OSError, ValueError, KeyError):
             record = json.loads(record_path.read_text())
-            if record["version"] == server_version():
+            if record["version"] == server_version() and is_kept_server(record, home):
                 if healthy(f"http://127.0.0.1:{record['port']}/api"):
                     return LocalServer(port=int(record["port"]), process=None)
-                if is_kept_server(int(record["pid"])) and time.time() - record["started"] < startup_timeout_s():
+                if time.time() - record["started"] < startup_timeout_s():
                     # Still starting (another run started it a moment ago): wait for it, not a second one.
                     return LocalServer(port=int(record["port"]), process=None,
                                        started=time.monotonic() - (time.time() - record["started"]))
-            stop_kept_server(int(record["pid"]))  # another version's, or hung: ours to replace
+            stop_kept_server(record, home)  # another version's, or hung: ours to replace
         port = free_port()
         log = open(home / "audio-pipeline-server.log", "w+b")  # noqa: SIM115 - the server's, kept open by it
-        server = LocalServer.start(kept_command(port, idle_s), port, log, detach=True)
+        command = kept_command(port, idle_s, home)
+        server = LocalServer.start(command, port, log, detach=True)
         temp = record_path.with_suffix(".tmp")
         temp.write_text(json.dumps({"pid": server.process.pid, "port": port, "version": server_version(),
-                                    "idle_s": idle_s, "started": time.time()}))
+                                    "idle_s": idle_s, "started": time.time(), "command": command}))
         temp.replace(record_path)
         return server
 
@@ -188,18 +191,24 @@ def keep_alive(api_url: str, every_s: float, done: threading.Event) -> threading
     return thread
 
 
-def is_kept_server(pid: int) -> bool:
-    """`pid` runs a kept server (not a process that inherited its number)."""
+def is_kept_server(record: dict, home: Path) -> bool:
+    """The record's pid still runs the command the record started: this home's kept server, not
+    a process that inherited the number. Pids wrap (at 32768 here; a test suite spawns that
+    many), and a stale record naming only a pid could have another home's new server killed."""
+    command = [str(arg) for arg in record["command"]]
+    if command[-2:] != ["--home", str(home)]:
+        return False
     with contextlib.suppress(OSError):
-        return b"flows.local_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{int(record['pid'])}/cmdline").read_bytes().split(b"\0")[:-1] == [
+            arg.encode() for arg in command]
     return False
 
 
-def stop_kept_server(pid: int) -> None:
-    """SIGTERM `pid` if it still is a kept server."""
-    if is_kept_server(pid):
+def stop_kept_server(record: dict, home: Path) -> None:
+    """SIGTERM the record's server if its pid still runs it."""
+    if is_kept_server(record, home):
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(int(record["pid"]), signal.SIGTERM)
 
 
 def startup_timeout_s() -> float:

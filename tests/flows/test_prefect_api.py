@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -164,3 +166,46 @@ def test_a_second_run_waits_for_a_kept_server_still_starting_instead_of_replacin
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_record_naming_another_homes_server_neither_reuses_nor_stops_it(tmp_path):
+    """A kept server is known by its whole command line (its port and Prefect home included), not
+    by its pid: pids wrap, so a stale record's pid can belong to another home's new server, and
+    a record copied between homes names a server with another database. Either way the run
+    starts a server of its own and leaves the other running (a CI run lost a starting server so)."""
+    start_a = _python(
+        """
+        from flows.prefect_api import kept_server
+        server = kept_server(120.0)
+        server.wait_ready()
+        print(server.port, server.process.pid)
+        """,
+        _env(tmp_path / "a"),
+    )
+    assert start_a.returncode == 0, start_a.stderr
+    port_a, pid_a = (int(x) for x in start_a.stdout.split()[-2:])
+    record_a = json.loads((tmp_path / "a" / "prefect-home" / RECORD).read_text())
+    try:
+        stale = {**record_a, "port": 9, "started": time.time() - 3600}  # as if its server hung long ago
+        for name, record in {"copied": record_a, "stale": stale}.items():
+            home = tmp_path / name / "prefect-home"
+            home.mkdir(parents=True)
+            (home / RECORD).write_text(json.dumps(record))
+            out = _python(
+                """
+                from flows.prefect_api import kept_server
+                server = kept_server(120.0)
+                print(server.process is not None, server.port)
+                server.wait_ready()
+                server.stop()
+                """,
+                _env(tmp_path / name),
+            )
+            assert out.returncode == 0, out.stderr
+            started_own, port = out.stdout.split()[-2:]
+            assert started_own == "True" and int(port) != port_a, f"{name}: used home a's server"
+            assert healthy(f"http://127.0.0.1:{port_a}/api"), f"{name}: home a's server was stopped"
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid_a, signal.SIGTERM)
