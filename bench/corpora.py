@@ -79,7 +79,7 @@ def _speak(text: str, voice: str, speed: int, rate: int, out: Path, gap_10ms: in
 def _plan(corpus: str) -> Iterator[tuple[str, str, int, int]]:
     """(text, voice, wpm, sample rate) in the one fixed order clip ids follow."""
     if corpus == "sentences":
-        for round_, text in itertools.product(range(10), SENTENCES):
+        for round_, text in itertools.product(range(16), SENTENCES):  # 10 rounds kept only 1,569 clips of 2-5 s
             for k, (voice, speed) in enumerate(SENTENCE_VOICES):
                 if k % 2 == round_ % 2:  # half the voices per sentence per round, alternating
                     yield text, voice, speed + 10 * (round_ // 2), 16_000
