@@ -173,7 +173,8 @@ def test_a_record_naming_another_homes_server_neither_reuses_nor_stops_it(tmp_pa
     """A kept server is known by its whole command line (its port and Prefect home included), not
     by its pid: pids wrap, so a stale record's pid can belong to another home's new server, and
     a record copied between homes names a server with another database. Either way the run
-    starts a server of its own and leaves the other running (a CI run lost a starting server so)."""
+    starts a server of its own and leaves the other running (the likely way a CI run lost a
+    starting server: the flaky test above)."""
     start_a = _python(
         """
         from flows.prefect_api import kept_server
@@ -187,7 +188,10 @@ def test_a_record_naming_another_homes_server_neither_reuses_nor_stops_it(tmp_pa
     port_a, pid_a = (int(x) for x in start_a.stdout.split()[-2:])
     record_a = json.loads((tmp_path / "a" / "prefect-home" / RECORD).read_text())
     try:
-        stale = {**record_a, "port": 9, "started": time.time() - 3600}  # as if its server hung long ago
+        # "stale": this home's own server, gone an hour ago; its pid now runs home a's server.
+        stale_home = str(tmp_path / "stale" / "prefect-home")
+        stale = {**record_a, "port": 9, "started": time.time() - 3600, "command": [
+            sys.executable, "-m", "flows.local_server", "--port", "9", "--idle-s", "120.0", "--home", stale_home]}
         for name, record in {"copied": record_a, "stale": stale}.items():
             home = tmp_path / name / "prefect-home"
             home.mkdir(parents=True)
