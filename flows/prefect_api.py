@@ -170,6 +170,7 @@ def kept_server(idle_s: float) -> LocalServer:
         log = open(home / "audio-pipeline-server.log", "w+b")  # noqa: SIM115 - the server's, kept open by it
         command = kept_command(port, idle_s, home)
         server = LocalServer.start(command, port, log, detach=True)
+        wait_exec(server.process, command)  # before the record: the next run must know it for ours
         temp = record_path.with_suffix(".tmp")
         temp.write_text(json.dumps({"pid": server.process.pid, "port": port, "version": server_version(),
                                     "idle_s": idle_s, "started": time.time(), "command": command}))
@@ -196,12 +197,23 @@ def is_kept_server(record: dict, home: Path) -> bool:
     a process that inherited the number. Pids wrap (at 32768 here; a test suite spawns that
     many), and a stale record naming only a pid could have another home's new server killed."""
     command = [str(arg) for arg in record["command"]]
-    if command[-2:] != ["--home", str(home)]:
-        return False
+    return command[-2:] == ["--home", str(home)] and runs(int(record["pid"]), command)
+
+
+def runs(pid: int, command: list[str]) -> bool:
+    """`/proc/PID/cmdline` is `command`, argument for argument."""
     with contextlib.suppress(OSError):
-        return Path(f"/proc/{int(record['pid'])}/cmdline").read_bytes().split(b"\0")[:-1] == [
-            arg.encode() for arg in command]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] == [arg.encode() for arg in command]
     return False
+
+
+def wait_exec(process: subprocess.Popen, command: list[str], timeout_s: float = 5.0) -> None:
+    """Wait until the child shows `command`: Popen can return while the child is still inside
+    execve, when its cmdline reads empty (21 of 200 starts on this machine). A second run that
+    read the record then took a starting server for a dead one and replaced it (a CI flake)."""
+    deadline = time.monotonic() + timeout_s
+    while not runs(process.pid, command) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def stop_kept_server(record: dict, home: Path) -> None:

@@ -212,3 +212,25 @@ def test_a_record_naming_another_homes_server_neither_reuses_nor_stops_it(tmp_pa
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid_a, signal.SIGTERM)
+
+
+def test_a_started_process_shows_its_command_once_wait_exec_returns():
+    """Right after Popen, /proc/PID/cmdline can still read empty (the child is inside execve):
+    21 of 200 starts here. A kept server's record is written only after `wait_exec`, so the next
+    run reading it sees the server's command, not "no such server" (which made it start another)."""
+    from flows.prefect_api import runs, wait_exec
+
+    command = ["sleep", "30"]
+    children, unseen = [], 0
+    try:
+        for _ in range(100):
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     start_new_session=True)  # as LocalServer.start(detach=True)
+            children.append(child)
+            wait_exec(child, command)
+            unseen += not runs(child.pid, command)
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert unseen == 0, f"{unseen} of 100 started processes did not show their command yet"
