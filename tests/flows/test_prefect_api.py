@@ -173,8 +173,7 @@ def test_a_record_naming_another_homes_server_neither_reuses_nor_stops_it(tmp_pa
     """A kept server is known by its whole command line (its port and Prefect home included), not
     by its pid: pids wrap, so a stale record's pid can belong to another home's new server, and
     a record copied between homes names a server with another database. Either way the run
-    starts a server of its own and leaves the other running (the likely way a CI run lost a
-    starting server: the flaky test above)."""
+    starts a server of its own and leaves the other running."""
     start_a = _python(
         """
         from flows.prefect_api import kept_server
